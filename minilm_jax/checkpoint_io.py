@@ -265,7 +265,7 @@ def atomic_folder(out: str, overwrite: bool = False):
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         yield tmp
-        _fsync_tree(tmp)
+        _finish_tree(tmp)
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.rename(target, old / "x")
@@ -278,8 +278,13 @@ def atomic_folder(out: str, overwrite: bool = False):
         raise
 
 
-def _fsync_tree(folder: Path) -> None:
+def _finish_tree(folder: Path) -> None:
+    """Flush every file to disk and give the tree ordinary permissions (mkdtemp makes it private)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(folder, 0o777 & ~umask)
     for p in folder.rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
