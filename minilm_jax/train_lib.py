@@ -1,0 +1,607 @@
+"""Fine-tuning with CosineSimilarityLoss, data-parallel over all local devices with `jax.pmap`.
+
+Sections, in the order the run goes through them: configuration, optimizer, the pure train
+step, data, checkpoints, the loop, export.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import functools
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from minilm_jax import checkpoint_io, data as data_lib
+from minilm_jax.config import BertConfig
+from minilm_jax.embedding import compute_dtype, sentence_embeddings
+from minilm_jax.errors import UsageError, UserError
+from minilm_jax.losses import cosine_mse_terms
+from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
+
+AXIS = "devices"  # the pmap axis name, also given to replicate() so the step compiles once
+
+DEFAULT_DATASET = "sentence-transformers/quora-duplicates"
+DEFAULT_DATASET_SUBSET = "pair-class"
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Every setting of a run; the defaults are the reference recipe."""
+
+    output_dir: str = "runs/quora"
+    model: str | None = None  # None: all-MiniLM-L6-v2
+    train_file: str | None = None
+    eval_file: str | None = None
+    dataset: str | None = None  # a hub dataset; None with no files: the reference's quora-duplicates
+    dataset_subset: str | None = None
+    eval_fraction: float = 0.1  # held out of a hub dataset that has a single split
+    sentence1_column: str = "sentence1"
+    sentence2_column: str = "sentence2"
+    score_column: str = "score"
+    score_scale: float = 1.0  # labels are divided by this (5 for 0-5 STS scores)
+    epochs: int = 2
+    max_steps: int = 0  # 0: epochs * steps per epoch
+    batch_size: int = 16  # global pairs per step, split over devices
+    learning_rate: float = 5e-5
+    warmup_steps: int = 0
+    weight_decay: float = 0.0  # optax's adamw default is 1e-4; the recipe uses 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    seed: int = 42
+    dropout: bool = True  # the config's dropout rates (0.1), active in training as in sentence-transformers
+    max_seq_length: int = 0  # 0: the model's (256)
+    dtype: str = "float32"
+    steps_per_dispatch: int = 1  # optimizer steps per device call (lax.scan), to cut per-step overhead
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    eval_every: int = 0  # 0: only at the end of each epoch
+    log_every: int = 100
+    eval_batch_size: int = 32
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
+                    "eval_batch_size", "steps_per_dispatch")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "warmup_steps", "eval_every", "max_seq_length"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
+        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
+            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
+        if self.weight_decay < 0 or self.max_grad_norm <= 0 or self.score_scale <= 0:
+            raise UsageError("--weight-decay must be >= 0, --max-grad-norm and --score-scale > 0")
+        if not 0 < self.eval_fraction < 1:
+            raise UsageError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
+        if self.dataset and self.train_file:
+            raise UsageError("--dataset and --train-file both name the training data; give one of them")
+        if self.checkpoint_every % self.steps_per_dispatch:
+            raise UsageError(f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of "
+                             f"--steps-per-dispatch ({self.steps_per_dispatch}) so that a resumed run replays "
+                             "the same dispatches")
+        compute_dtype(self.dtype)
+
+    def resumable_fields(self) -> dict:
+        """The settings that decide the result; a resumed run must not change them."""
+        skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
+                "eval_file"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+# ----------------------------------------------------------------------------- optimizer
+
+def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up from 0 (if any), then linear decay to 0 at the last step, as transformers'
+    get_linear_schedule_with_warmup."""
+    decay = optax.linear_schedule(cfg.learning_rate, 0.0, max(total_steps - cfg.warmup_steps, 1))
+    if not cfg.warmup_steps:
+        return decay
+    warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+    return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(cfg.max_grad_norm),
+        optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
+                    weight_decay=cfg.weight_decay),
+    )
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+
+
+def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+    params = jax.tree.map(jnp.asarray, params)
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+# ----------------------------------------------------------------------------- the train step
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertConfig, tx, schedule,
+               dtype_name: str = "float32", dropout: bool = True, axis_name: str | None = AXIS):
+    """One optimizer step on one device's share of the batch: (state, batch, rng) -> (state, metrics).
+
+    batch: ids/mask [2b, L] (sentence1 rows then sentence2 rows), labels/weights [b], count []
+    (real pairs in the whole global batch). Gradients are averaged over devices with pmean; a step
+    whose loss or gradient is not finite leaves the state unchanged and reports it in the metrics.
+    """
+    n_devices = jax.lax.psum(1, axis_name) if axis_name else 1
+    step_rng = jax.random.fold_in(rng, state.step)
+    if axis_name:
+        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))  # independent dropout per device
+    b = batch["labels"].shape[0]
+
+    def loss_fn(params):
+        emb_2bxD = sentence_embeddings(params, batch["ids"], batch["mask"], config=config,
+                                       dtype=compute_dtype(dtype_name), dropout_rng=step_rng if dropout else None)
+        terms_b = cosine_mse_terms(emb_2bxD[:b], emb_2bxD[b:], batch["labels"], batch["weights"])
+        # This device's share of the global batch mean, scaled so that pmean over devices gives
+        # the mean over all real pairs (also for a short last batch with padding rows).
+        return jnp.sum(terms_b) / batch["count"] * n_devices
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    if axis_name:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = functools.partial(jax.tree.map, lambda new, old: jnp.where(finite, new, old))
+    new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                           opt_state=keep(opt_state, state.opt_state))
+    metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm, "finite": finite}
+    return new_state, metrics
+
+
+def train_steps(state: TrainState, batches: dict, rng: jax.Array, **step_kwargs):
+    """Several train steps in one device call: `batches` has a leading step axis."""
+
+    def body(carry, batch):
+        return train_step(carry, batch, rng, **step_kwargs)
+
+    return jax.lax.scan(body, state, batches)
+
+
+def pmapped_train_steps(**step_kwargs):
+    return jax.pmap(functools.partial(train_steps, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
+                    donate_argnums=(0,))
+
+
+def replicate(tree):
+    from flax import jax_utils
+
+    return jax_utils.replicate(tree, axis_name=AXIS)
+
+
+def unreplicate(tree):
+    from flax import jax_utils
+
+    return jax.device_get(jax_utils.unreplicate(tree))
+
+
+# ----------------------------------------------------------------------------- data
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    train: Pairs
+    eval: Pairs | None
+    train_name: str
+    eval_name: str | None
+
+
+def load_run_data(cfg: TrainConfig) -> RunData:
+    columns = Columns(cfg.sentence1_column, cfg.sentence2_column, cfg.score_column)
+    if cfg.train_file:
+        train = load_pairs(cfg.train_file, columns, unit_interval=True, score_scale=cfg.score_scale)
+        train_name = cfg.train_file
+        eval_pairs = None
+    else:
+        name = cfg.dataset or DEFAULT_DATASET
+        subset = cfg.dataset_subset if cfg.dataset else DEFAULT_DATASET_SUBSET
+        if not cfg.dataset and cfg.score_column == "score":
+            columns = dataclasses.replace(columns, score="label")  # quora-duplicates pair-class names it 'label'
+        full = load_hub_pairs(name, subset, "train", columns, unit_interval=True, score_scale=cfg.score_scale)
+        order = np.random.default_rng(cfg.seed).permutation(len(full))
+        n_eval = int(round(len(full) * cfg.eval_fraction))
+        train, eval_pairs = full.select(order[n_eval:]), full.select(order[:n_eval])
+        train_name = f"{name}" + (f" ({subset})" if subset else "")
+    eval_name = None
+    if cfg.eval_file:
+        eval_pairs = load_pairs(cfg.eval_file, columns, score_scale=cfg.score_scale)
+        eval_name = cfg.eval_file
+    elif eval_pairs is not None:
+        eval_name = f"{train_name} held-out {cfg.eval_fraction:.0%}"
+    return RunData(train, eval_pairs, train_name, eval_name)
+
+
+# ----------------------------------------------------------------------------- output folder
+
+class OutputLock:
+    """An exclusive lock on the output folder, so two runs never write the same checkpoints.
+    The OS drops it when the process dies, also on kill -9."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{folder} is in use by another train.py ({holder}); wait for it to finish "
+                            "or choose another --output-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_run_config(folder: Path, cfg: TrainConfig) -> None:
+    """Write the resolved configuration, or check that a resumed run uses the same one."""
+    path = folder / "config.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            previous = None
+        if previous is not None:
+            now = json.loads(json.dumps(cfg.resumable_fields()))
+            before = {k: previous.get(k) for k in now}
+            changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
+            if changed:
+                raise UsageError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
+                                 "rerun with the same options to resume, or choose another --output-dir")
+    write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The metrics.jsonl records of steps <= up_to_step (a resumed run drops what came after its checkpoint)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Checkpoints:
+    """Orbax checkpoints of the whole TrainState. The data position and the dropout rng are
+    functions of the step, so the state is all a resumed run needs."""
+
+    def __init__(self, folder: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            folder.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: TrainState) -> None:
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+
+    def restore(self, like: TrainState) -> TrainState:
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(self.manager.latest_step(), args=self._ocp.args.StandardRestore(abstract))
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+class NonFiniteLoss(UserError):
+    pass
+
+
+def prepare_model(cfg: TrainConfig):
+    from minilm_jax.encode import load
+    from minilm_jax.tokenizer import Tokenizer
+    import tokenizers
+
+    model = load(cfg.model)
+    if cfg.max_seq_length:
+        if cfg.max_seq_length > model.config.max_position_embeddings:
+            raise UsageError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's "
+                             f"max_position_embeddings {model.config.max_position_embeddings}")
+        backend = tokenizers.Tokenizer.from_str(model.tokenizer.backend.to_str())
+        model = model.replace(sentence=dataclasses.replace(model.sentence, max_seq_length=cfg.max_seq_length),
+                              tokenizer=Tokenizer(backend, cfg.max_seq_length))
+    return model
+
+
+def token_stats(ids: list) -> dict:
+    lengths = np.array([len(x) for x in ids])
+    return {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
+
+
+def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
+    """Run (or resume) the training described by `cfg` in cfg.output_dir; export the model at the end.
+    Returns the final evaluation metrics (empty without eval data)."""
+    cfg.validate()
+    out = Path(cfg.output_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = OutputLock(out)
+    try:
+        return _run(cfg, out, progress)
+    finally:
+        lock.release()
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict:
+    from minilm_jax.metrics import evaluate_pairs
+
+    is_main = jax.process_index() == 0
+    n_global, n_local = jax.device_count(), jax.local_device_count()
+    if cfg.batch_size % n_global:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the {n_global} devices; "
+                         f"use a multiple of {n_global}")
+    check_run_config(out, cfg)
+    model = prepare_model(cfg)
+    run_data = load_run_data(cfg)
+    train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
+    per_epoch = data_lib.steps_per_epoch(len(train_tokens), cfg.batch_size)
+    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    schedule = learning_rate_schedule(cfg, total_steps)
+    tx = make_optimizer(cfg, schedule)
+
+    checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
+    state = init_state(model.params, tx)
+    if checkpoints.latest_step() is not None:
+        state = checkpoints.restore(state)
+    start_step = int(state.step)
+    metrics_path = out / "metrics.jsonl"
+    records = read_metrics(metrics_path, start_step)
+    if is_main:
+        write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
+    layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
+    step_fn = pmapped_train_steps(config=model.config, tx=tx, schedule=schedule, dtype_name=cfg.dtype,
+                                  dropout=cfg.dropout)
+    rng = jax.random.PRNGKey(cfg.seed)
+    p_state = replicate(state)
+    del state
+
+    def evaluate(params) -> dict:
+        if run_data.eval is None:
+            return {}
+        result = evaluate_pairs(model.replace(params=params), run_data.eval, ("cosine",), cfg.eval_batch_size,
+                                cfg.dtype)
+        return {f"eval_{k}": v for k, v in result.items()}
+
+    log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main)
+    groups = data_lib.prefetch(data_lib.dispatch_groups(
+        train_tokens, layout, cfg.seed, model.sentence.max_seq_length, start_step, total_steps,
+        cfg.steps_per_dispatch))
+    pending = None
+    last_eval: dict = {}  # {step: metrics} of the latest evaluation, reused as the final one
+
+    def settle(item):
+        first, n, metrics = item
+        host = jax.device_get(metrics)
+        for k in range(n):
+            step = first + k + 1
+            if not bool(host["finite"][0, k]):
+                checkpoints.wait()
+                raise NonFiniteLoss(
+                    f"non-finite loss or gradient at step {step} (loss {float(host['loss'][0, k])}, grad norm "
+                    f"{float(host['grad_norm'][0, k])}); stopped, last good checkpoint: step "
+                    f"{checkpoints.latest_step()} in {out / 'checkpoints'}; lower --learning-rate or check the data")
+            log.step(step, float(host["loss"][0, k]), float(host["learning_rate"][0, k]),
+                     float(host["grad_norm"][0, k]), step / per_epoch)
+
+    def crosses(first: int, n: int, every: int) -> bool:
+        return every > 0 and (first + n) // every > first // every
+
+    try:
+        for first, n, arrays in groups:
+            p_state, metrics = step_fn(p_state, arrays, rng)
+            if pending is not None:
+                settle(pending)  # the previous dispatch's metrics, fetched while this one runs
+            pending = (first, n, metrics)
+            end = first + n
+            epoch_end = crosses(first, n, per_epoch) or end == total_steps
+            if crosses(first, n, cfg.eval_every) or epoch_end or crosses(first, n, cfg.checkpoint_every):
+                settle(pending)
+                pending = None
+                log.pause()
+                if crosses(first, n, cfg.eval_every) or epoch_end:
+                    last_eval = {end: evaluate(unreplicate(p_state.params))}
+                    log.eval(end, end / per_epoch, last_eval[end])
+                if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
+                    checkpoints.save(unreplicate(p_state))
+                log.resume()
+        if pending is not None:
+            settle(pending)
+        checkpoints.wait()
+    finally:
+        log.close()
+        checkpoints.wait()
+    final_params = unreplicate(p_state.params)
+    final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
+    if is_main:
+        _export(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
+                per_epoch, n_global)
+    checkpoints.close()
+    return {k.removeprefix("eval_"): v for k, v in final_eval.items()}
+
+
+class _Logger:
+    """Progress bar, and one metrics.jsonl record per log interval (plus one per evaluation).
+
+    pairs_per_second counts only the time spent training: the first dispatch (compilation) and
+    evaluations/checkpoints are left out."""
+
+    def __init__(self, path: Path | None, total: int, start: int, cfg: TrainConfig, progress: bool):
+        self.path, self.cfg = path, cfg
+        self.losses, self.grad_norms = [], []
+        self.timed_steps, self.timed_seconds = 0, 0.0
+        self.clock = None  # starts after the first settled step, so compilation is not timed
+        self.bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
+                            file=sys.stderr)
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float) -> None:
+        now = time.perf_counter()
+        if self.clock is not None:
+            self.timed_steps += 1
+            self.timed_seconds += now - self.clock
+        self.clock = now
+        self.losses.append(loss)
+        self.grad_norms.append(grad_norm)
+        if self.bar is not None:
+            self.bar.update(1)
+            if step % 10 == 0 or step % self.cfg.log_every == 0:
+                self.bar.set_postfix(loss=f"{np.mean(self.losses[-10:]):.4f}", lr=f"{lr:.2e}",
+                                     pairs_s=f"{self.rate():.1f}")
+        if step % self.cfg.log_every == 0:
+            self.write({"step": step, "epoch": round(epoch, 4), "loss": float(np.mean(self.losses)),
+                        "learning_rate": lr, "grad_norm": float(np.mean(self.grad_norms)),
+                        "pairs_per_second": self.rate()})
+            self.losses, self.grad_norms = [], []
+            self.timed_steps, self.timed_seconds = 0, 0.0
+
+    def rate(self) -> float | None:
+        if not self.timed_steps:
+            return None
+        return round(self.timed_steps * self.cfg.batch_size / self.timed_seconds, 2)
+
+    def eval(self, step: int, epoch: float, metrics: dict) -> None:
+        if metrics:
+            self.write({"step": step, "epoch": round(epoch, 4), **metrics})
+            if self.bar is not None:
+                self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+    def pause(self) -> None:
+        self.clock = None
+
+    def resume(self) -> None:
+        self.clock = time.perf_counter()
+
+    def write(self, record: dict) -> None:
+        if self.path is None:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ----------------------------------------------------------------------------- export
+
+def _export(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: dict, total_steps: int,
+            per_epoch: int, n_devices: int) -> None:
+    from minilm_jax.model_card import render_model_card
+    from minilm_jax.plot import plot_training
+
+    records = read_metrics(out / "metrics.jsonl", total_steps)
+    plot_training(records, str(out / "training.png"))
+    card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices))
+    checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
+                                             extra_files={"README.md": card})
+
+
+def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: dict,
+                n_devices: int) -> dict:
+    import flax
+    import datasets
+    import tokenizers
+
+    from minilm_jax import __version__
+
+    defaults = TrainConfig()
+    hyper = {"learning_rate": cfg.learning_rate, "per_device_train_batch_size": cfg.batch_size // n_devices,
+             "train_batch_size": cfg.batch_size, "num_train_epochs": cfg.epochs, "max_steps": cfg.max_steps,
+             "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
+             "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon, "max_grad_norm": cfg.max_grad_norm,
+             "seed": cfg.seed, "lr_scheduler_type": "linear", "dropout": cfg.dropout, "dtype": cfg.dtype,
+             "num_devices": n_devices, "steps_per_dispatch": cfg.steps_per_dispatch}
+    default_hyper = {**hyper, **{k: getattr(defaults, k) for k in (
+        "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
+        "max_grad_norm", "seed", "dropout", "dtype", "max_steps", "steps_per_dispatch")},
+        "num_train_epochs": defaults.epochs, "train_batch_size": defaults.batch_size}
+    by_step: dict[int, dict] = {}
+    for r in records:
+        row = by_step.setdefault(r["step"], {"epoch": r.get("epoch"), "step": r["step"], "loss": None,
+                                             "spearman_cosine": None})
+        if "loss" in r:
+            row["loss"] = r["loss"]
+        if "eval_spearman_cosine" in r:
+            row["spearman_cosine"] = r["eval_spearman_cosine"]
+    train = run_data.train
+    samples = [{"sentence1": train.sentence1[i], "sentence2": train.sentence2[i], "score": float(train.scores[i])}
+               for i in range(min(3, len(train)))]
+    return {
+        "base_model": cfg.model or "sentence-transformers/all-MiniLM-L6-v2",
+        "base_model_path": model.path,
+        "max_seq_length": model.sentence.max_seq_length, "hidden_size": model.config.hidden_size,
+        "do_lower_case": model.sentence.do_lower_case, "normalize": model.sentence.normalize,
+        "train_dataset": {
+            "name": run_data.train_name, "size": len(train),
+            "columns": [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column],
+            "stats": {"sentence1": token_stats(tokens.ids1), "sentence2": token_stats(tokens.ids2),
+                      "score": {"min": float(train.scores.min()), "mean": float(train.scores.mean()),
+                                "max": float(train.scores.max())}},
+            "samples": samples},
+        "eval_dataset": {"name": run_data.eval_name, "size": len(run_data.eval)} if run_data.eval is not None else None,
+        "hyperparameters": hyper, "default_hyperparameters": default_hyper,
+        "log": [by_step[s] for s in sorted(by_step)],
+        "final_eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()} or None,
+        "versions": {"python": sys.version.split()[0], "minilm_jax": __version__, "jax": jax.__version__,
+                     "flax": flax.__version__, "optax": optax.__version__, "tokenizers": tokenizers.__version__,
+                     "datasets": datasets.__version__},
+    }

@@ -1,0 +1,108 @@
+#!/usr/bin/env python
+"""Fine-tune all-MiniLM-L6-v2 (or another BERT sentence model) with CosineSimilarityLoss,
+data-parallel over all local devices with jax.pmap. The defaults are the reference recipe.
+
+    python train.py --train-file ../shared/data/quora_train.tsv --eval-file ../shared/data/quora_dev.tsv \\
+        --output-dir runs/quora
+
+Run the same command again with the same --output-dir to resume from the last checkpoint.
+OUTPUT gets: metrics.jsonl, config.json, training.png, checkpoints/, and model/ (a
+sentence-transformers model folder with a README.md model card).
+
+Several hosts (a TPU pod slice): start the same command on every host with --distributed; each
+host feeds its own devices and --batch-size stays the global batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from minilm_jax.errors import UsageError, cli_main
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(f"{message} (see --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from minilm_jax.train_lib import TrainConfig
+
+    d = TrainConfig()
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--train-file", help="training pairs: .tsv, .csv, .jsonl or .parquet (columns sentence1, "
+                   "sentence2, score; labels in [0, 1])")
+    g.add_argument("--eval-file", help="evaluation pairs, same format; evaluated each epoch and every --eval-every steps")
+    g.add_argument("--dataset", help="a Hugging Face hub dataset instead of --train-file (needs network); "
+                   f"with no data option: {'sentence-transformers/quora-duplicates'} (pair-class), split 90/10 with --seed")
+    g.add_argument("--dataset-subset", help="the hub dataset's subset (configuration) name")
+    g.add_argument("--eval-fraction", type=float, default=d.eval_fraction,
+                   help="share of a hub dataset held out for evaluation (default: %(default)s)")
+    g.add_argument("--sentence1-column", default=d.sentence1_column, help="default: %(default)s")
+    g.add_argument("--sentence2-column", default=d.sentence2_column, help="default: %(default)s")
+    g.add_argument("--score-column", default=d.score_column,
+                   help="default: %(default)s (for the default hub dataset: label)")
+    g.add_argument("--score-scale", type=float, default=d.score_scale,
+                   help="divide scores by this; 5 turns 0-5 STS scores into [0, 1] (default: %(default)s)")
+    g = p.add_argument_group("recipe")
+    g.add_argument("--model", default=d.model, help="base model folder (default: all-MiniLM-L6-v2)")
+    g.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
+    g.add_argument("--max-steps", type=int, default=d.max_steps, help="stop after this many steps; 0: all epochs "
+                   "(default: %(default)s). The learning rate decays to 0 at the last step")
+    g.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global pairs per step, split over the devices (default: %(default)s)")
+    g.add_argument("--learning-rate", type=float, default=d.learning_rate, help="AdamW peak rate (default: %(default)s)")
+    g.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps (default: %(default)s)")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW weight decay (default: %(default)s)")
+    g.add_argument("--adam-beta1", type=float, default=d.adam_beta1, help="default: %(default)s")
+    g.add_argument("--adam-beta2", type=float, default=d.adam_beta2, help="default: %(default)s")
+    g.add_argument("--adam-epsilon", type=float, default=d.adam_epsilon, help="default: %(default)s")
+    g.add_argument("--max-grad-norm", type=float, default=d.max_grad_norm,
+                   help="global-norm gradient clipping (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=d.seed, help="shuffling, dropout and hub split (default: %(default)s)")
+    g.add_argument("--no-dropout", dest="dropout", action="store_false",
+                   help="turn dropout off (default: on, at the model config's rates, 0.1)")
+    g.add_argument("--max-seq-length", type=int, default=d.max_seq_length,
+                   help="truncate sentences at this many tokens; 0: the model's (256) (default: %(default)s)")
+    g = p.add_argument_group("speed")
+    g.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"],
+                   help="matmul dtype; bfloat16 for GPU/TPU, weights stay float32 (default: %(default)s)")
+    g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch,
+                   help="optimizer steps per device call (lax.scan); >1 cuts per-step overhead on accelerators "
+                   "(default: %(default)s)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output-dir", default=d.output_dir, help="default: %(default)s")
+    g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps (default: %(default)s)")
+    g.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="default: %(default)s")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="steps; 0: only at the end of each epoch (default: %(default)s)")
+    g.add_argument("--log-every", type=int, default=d.log_every, help="steps per metrics.jsonl record (default: %(default)s)")
+    g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default: %(default)s")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    g.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host TPU/GPU jobs)")
+    return p
+
+
+@cli_main
+def main(argv=None):
+    args = vars(build_parser().parse_args(argv))
+    progress, distributed = args.pop("progress"), args.pop("distributed")
+    if distributed:
+        import jax
+
+        jax.distributed.initialize()
+    from minilm_jax.train_lib import TrainConfig, train_and_evaluate
+
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
+    result = train_and_evaluate(cfg, progress=progress)
+    print(json.dumps({"output_dir": cfg.output_dir, "model": f"{cfg.output_dir}/model", **result}))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
