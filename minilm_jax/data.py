@@ -5,8 +5,10 @@ The batch of step s is a pure function of (seed, s): the epoch's permutation com
 beyond the step number, and every host of a multi-host job computes the same global batch and
 keeps its own devices' share.
 
-Both sentences of a pair go through the encoder in one forward pass: a device's rows are
-[its sentence1 rows; its sentence2 rows], all padded to one bucket length.
+Both sentences of a pair go through the encoder in one forward pass, packed: a device's 2b
+sentences are laid several to a row (first-fit decreasing), each attending only to itself and
+with positions restarting at 0, so almost no compute goes to padding (sentence-transformers pads
+each side to its longest sentence: about twice the real tokens on Quora).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from minilm_jax.pairs import Pairs
-from minilm_jax.tokenizer import Tokenizer, bucket_length, bucket_lengths
+from minilm_jax.tokenizer import Tokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,45 +70,96 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int) -> np.nda
     return epoch_permutation(n_pairs, seed, epoch)[i * batch_size:(i + 1) * batch_size]
 
 
-def make_batch(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, length: int) -> dict:
-    """Arrays for this host's devices: ids/mask [local_devices, 2*b, length], labels/weights [local_devices, b],
-    count [local_devices] (the number of real pairs in the global batch, the loss's denominator)."""
+PACK_LENGTHS = (64, 128, 256, 512)  # row lengths of packed batches
+ROW_MULTIPLE = 4  # packed row counts are rounded up to this, to bound the number of compiled shapes
+
+
+def pack_sentences(lengths: Sequence[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: which sentences share each packed row of `row_length` tokens."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, space in enumerate(free):
+            if space >= lengths[i]:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(row_length - lengths[i])
+    return rows
+
+
+def _device_sentences(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, device: int) -> list:
+    """The 2b sentences of one device: its pairs' sentence1 rows, then their sentence2 rows."""
+    b = layout.pairs_per_device
+    mine = indices[device * b:(device + 1) * b]
+    return [data.ids1[i] for i in mine] + [data.ids2[i] for i in mine]
+
+
+def make_batch(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, row_length: int, n_rows: int,
+               packing: list) -> dict:
+    """Packed arrays for this host's devices: ids/positions/segments/slots [local_devices, n_rows, row_length]
+    (slot = the sentence's index among the device's 2b sentences, 2b for padding), labels/weights
+    [local_devices, b], count [local_devices] (real pairs in the global batch: the loss's denominator)."""
     b = layout.pairs_per_device
     n_local = layout.local_devices
-    ids = np.zeros((n_local, 2 * b, length), np.int32)
-    mask = np.zeros((n_local, 2 * b, length), np.int32)
+    shape = (n_local, n_rows, row_length)
+    ids, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    slots = np.full(shape, 2 * b, np.int32)
     labels = np.zeros((n_local, b), np.float32)
     weights = np.zeros((n_local, b), np.float32)
     for d in range(n_local):
-        first = (layout.first_device + d) * b
-        for r, pair in enumerate(indices[first:first + b]):
-            for side, row in ((0, data.ids1[pair]), (1, data.ids2[pair])):
-                ids[d, side * b + r, :len(row)] = row
-                mask[d, side * b + r, :len(row)] = 1
-            labels[d, r] = data.labels[pair]
-            weights[d, r] = 1.0
+        device = layout.first_device + d
+        sentences = _device_sentences(data, indices, layout, device)
+        n_pairs = len(sentences) // 2
+        for r, members in enumerate(packing[d]):
+            at = 0
+            for seg, i in enumerate(members, start=1):
+                row = sentences[i]
+                # A short final batch has fewer pairs: its sentence2 rows still go to slots b + pair.
+                slot = i if i < n_pairs else b + (i - n_pairs)
+                ids[d, r, at:at + len(row)] = row
+                positions[d, r, at:at + len(row)] = np.arange(len(row))
+                segments[d, r, at:at + len(row)] = seg
+                slots[d, r, at:at + len(row)] = slot
+                at += len(row)
+        mine = indices[device * b:(device + 1) * b]
+        labels[d, :len(mine)] = data.labels[mine]
+        weights[d, :len(mine)] = 1.0
     count = np.full((n_local,), float(len(indices)), np.float32)
-    return {"ids": ids, "mask": mask, "labels": labels, "weights": weights, "count": count}
+    return {"ids": ids, "positions": positions, "segments": segments, "slots": slots, "labels": labels,
+            "weights": weights, "count": count}
 
 
-def pair_length(data: TokenizedPairs, indices: Sequence[int]) -> int:
-    return max(max(len(data.ids1[i]), len(data.ids2[i])) for i in indices)
-
-
-def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, seed: int, max_seq_length: int,
-                    start_step: int, end_step: int, steps_per_dispatch: int = 1) -> Iterator[tuple[int, int, dict]]:
+def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, seed: int, start_step: int, end_step: int,
+                    steps_per_dispatch: int = 1) -> Iterator[tuple[int, int, dict]]:
     """(first_step, n_steps, arrays) for steps [start_step, end_step), `steps_per_dispatch` at a time.
 
-    Arrays get a step axis after the device axis ([local_devices, n_steps, ...]); all steps of a
-    group share the longest step's bucket length so that they stack.
+    Arrays get a step axis after the device axis ([local_devices, n_steps, ...]). All steps and
+    devices of a group share one (rows, row length) shape, taken from the most demanding of them,
+    so they stack and so every device runs the same program.
     """
-    buckets = bucket_lengths(max_seq_length)
     n = len(data)
     for first in range(start_step, end_step, steps_per_dispatch):
         steps = range(first, min(first + steps_per_dispatch, end_step))
         indices = [batch_indices(n, layout.batch_size, seed, s) for s in steps]
-        length = bucket_length(max(pair_length(data, idx) for idx in indices), buckets)
-        batches = [make_batch(data, idx, layout, length) for idx in indices]
+        devices = range(layout.first_device, layout.first_device + layout.local_devices)
+        lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)] for d in devices] for idx in indices]
+        longest = max(max(ls) for per_step in lengths for ls in per_step)
+        row_length = next((n for n in PACK_LENGTHS if n >= longest), longest)
+        packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in lengths]
+        n_rows = max(len(p) for per_step in packings for p in per_step)
+        # Every host must pick the same shape: take the maximum over all devices of the global batch.
+        if layout.local_devices != layout.global_devices:
+            all_lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)]
+                            for d in range(layout.global_devices)] for idx in indices]
+            row_length = next((n for n in PACK_LENGTHS if n >= max(max(ls) for s in all_lengths for ls in s)), longest)
+            n_rows = max(len(pack_sentences(ls, row_length)) for s in all_lengths for ls in s)
+            packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in lengths]
+        n_rows = -(-n_rows // ROW_MULTIPLE) * ROW_MULTIPLE
+        batches = [make_batch(data, idx, layout, row_length, n_rows, packing)
+                   for idx, packing in zip(indices, packings)]
         yield first, len(steps), {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
 
 

@@ -35,15 +35,14 @@ class Embeddings(nn.Module):
     config: BertConfig
 
     @nn.compact
-    def __call__(self, ids_BxL, token_types_BxL, deterministic: bool):
+    def __call__(self, ids_BxL, token_types_BxL, positions_BxL, deterministic: bool):
         c = self.config
         word = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=_init, name="word_embeddings")
         position = nn.Embed(c.max_position_embeddings, c.hidden_size, embedding_init=_init,
                             name="position_embeddings")
         token_type = nn.Embed(c.type_vocab_size, c.hidden_size, embedding_init=_init, name="token_type_embeddings")
-        positions_L = jnp.arange(ids_BxL.shape[1])
         x_BxLxD = word(ids_BxL) + token_type(token_types_BxL)
-        x_BxLxD = x_BxLxD + position(positions_L)[None]
+        x_BxLxD = x_BxLxD + position(positions_BxL)
         x_BxLxD = _layer_norm(c, "layer_norm")(x_BxLxD)
         return nn.Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
 
@@ -53,7 +52,7 @@ class SelfAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
+    def __call__(self, x_BxLxD, bias_Bx1xLxL, deterministic: bool):
         c = self.config
         B, L, _ = x_BxLxD.shape
         H, K = c.num_attention_heads, c.head_dim
@@ -63,7 +62,7 @@ class SelfAttention(nn.Module):
 
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = heads("query"), heads("key"), heads("value")
         scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32)
-        scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + bias_Bx1x1xL
+        scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + bias_Bx1xLxL
         probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
         probs_BxHxLxL = nn.Dropout(c.attention_probs_dropout_prob)(probs_BxHxLxL, deterministic=deterministic)
         context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL.astype(self.dtype), v_BxLxHxK)
@@ -77,9 +76,9 @@ class Layer(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x_BxLxD, bias_Bx1x1xL, deterministic: bool):
+    def __call__(self, x_BxLxD, bias_Bx1xLxL, deterministic: bool):
         c = self.config
-        attended_BxLxD = SelfAttention(c, self.dtype, name="attention")(x_BxLxD, bias_Bx1x1xL, deterministic)
+        attended_BxLxD = SelfAttention(c, self.dtype, name="attention")(x_BxLxD, bias_Bx1xLxL, deterministic)
         x_BxLxD = _layer_norm(c, "attention_norm")(attended_BxLxD + x_BxLxD)
         h_BxLxF = _dense(c.intermediate_size, self.dtype, "intermediate")(x_BxLxD)
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=False)  # erf GELU: Flax's default is the tanh form
@@ -89,22 +88,34 @@ class Layer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    """Token ids and attention mask -> final hidden states (float32)."""
+    """Token ids -> final hidden states (float32).
+
+    Plain rows: `mask_BxL` marks real tokens (1) and padding (0).
+    Packed rows (several sentences per row, no padding between them): `segments_BxL` numbers the
+    sentences of each row 1, 2, ... (0 = padding) and `positions_BxL` restarts at 0 for each one;
+    a token attends only to its own sentence, so every sentence is computed exactly as alone.
+    """
 
     config: BertConfig
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, ids_BxL, mask_BxL, token_types_BxL=None, deterministic: bool = True):
+    def __call__(self, ids_BxL, mask_BxL=None, token_types_BxL=None, deterministic: bool = True,
+                 positions_BxL=None, segments_BxL=None):
         if token_types_BxL is None:
             token_types_BxL = jnp.zeros_like(ids_BxL)
-        x_BxLxD = Embeddings(self.config, name="embeddings")(ids_BxL, token_types_BxL, deterministic)
-        # Masked keys get float32's minimum added, as transformers does; a fully masked row then
-        # softmaxes to uniform weights instead of NaN.
-        bias_Bx1x1xL = jnp.where(mask_BxL[:, None, None, :] > 0, 0.0, jnp.finfo(jnp.float32).min)
-        bias_Bx1x1xL = bias_Bx1x1xL.astype(jnp.float32)
+        if positions_BxL is None:
+            positions_BxL = jnp.broadcast_to(jnp.arange(ids_BxL.shape[1]), ids_BxL.shape)
+        x_BxLxD = Embeddings(self.config, name="embeddings")(ids_BxL, token_types_BxL, positions_BxL, deterministic)
+        # Masked keys get float32's minimum added, as transformers does; a query with no allowed
+        # key (padding) then softmaxes to uniform weights instead of NaN, and is never pooled.
+        if segments_BxL is None:
+            allowed = (mask_BxL > 0)[:, None, None, :]
+        else:
+            allowed = ((segments_BxL[:, :, None] == segments_BxL[:, None, :]) & (segments_BxL[:, None, :] > 0))[:, None]
+        bias_Bx1xLxL = jnp.where(allowed, 0.0, jnp.finfo(jnp.float32).min).astype(jnp.float32)
         for i in range(self.config.num_hidden_layers):
-            x_BxLxD = Layer(self.config, self.dtype, name=f"layer_{i}")(x_BxLxD, bias_Bx1x1xL, deterministic)
+            x_BxLxD = Layer(self.config, self.dtype, name=f"layer_{i}")(x_BxLxD, bias_Bx1xLxL, deterministic)
         return x_BxLxD
 
 

@@ -5,6 +5,7 @@ Always computed in float32, whatever dtype the encoder's matmuls used.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 MASK_SUM_MIN = 1e-9  # sentence-transformers Pooling: clamp(sum_mask, min=1e-9)
@@ -18,6 +19,17 @@ def mean_pool(hidden_BxLxD, mask_BxL):
     summed_BxD = jnp.sum(hidden_BxLxD.astype(jnp.float32) * mask_BxLx1, axis=1)
     count_Bx1 = jnp.maximum(jnp.sum(mask_BxLx1, axis=1), MASK_SUM_MIN)
     return summed_BxD / count_Bx1
+
+
+def segment_mean_pool(hidden_BxLxD, slots_BxL, n_sentences: int):
+    """Mean pooling of packed rows: `slots_BxL` gives each token's sentence index (n_sentences for
+    padding). Equal to mean_pool of the sentences laid out one per row."""
+    D = hidden_BxLxD.shape[-1]
+    slots = slots_BxL.reshape(-1)
+    summed_SxD = jax.ops.segment_sum(hidden_BxLxD.reshape(-1, D).astype(jnp.float32), slots,
+                                     num_segments=n_sentences + 1)[:n_sentences]
+    counts_Sx1 = jax.ops.segment_sum(jnp.ones_like(slots, jnp.float32), slots, num_segments=n_sentences + 1)
+    return summed_SxD / jnp.maximum(counts_Sx1[:n_sentences, None], MASK_SUM_MIN)
 
 
 def l2_normalize(x_BxD, eps: float = NORMALIZE_EPS):

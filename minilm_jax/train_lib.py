@@ -25,7 +25,7 @@ from flax import struct
 
 from minilm_jax import checkpoint_io, data as data_lib
 from minilm_jax.config import BertConfig
-from minilm_jax.embedding import compute_dtype, sentence_embeddings
+from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.losses import cosine_mse_terms
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
@@ -142,7 +142,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
                dtype_name: str = "float32", dropout: bool = True, axis_name: str | None = AXIS):
     """One optimizer step on one device's share of the batch: (state, batch, rng) -> (state, metrics).
 
-    batch: ids/mask [2b, L] (sentence1 rows then sentence2 rows), labels/weights [b], count []
+    batch: packed ids/positions/segments/slots [R, P] holding the 2b sentences (slots 0..b-1 the
+    sentence1 side, b..2b-1 the sentence2 side), labels/weights [b], count []
     (real pairs in the whole global batch). Gradients are averaged over devices with pmean; a step
     whose loss or gradient is not finite leaves the state unchanged and reports it in the metrics.
     """
@@ -153,8 +154,8 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
     b = batch["labels"].shape[0]
 
     def loss_fn(params):
-        emb_2bxD = sentence_embeddings(params, batch["ids"], batch["mask"], config=config,
-                                       dtype=compute_dtype(dtype_name), dropout_rng=step_rng if dropout else None)
+        emb_2bxD = packed_sentence_embeddings(params, batch, 2 * b, config=config, dtype=compute_dtype(dtype_name),
+                                              dropout_rng=step_rng if dropout else None)
         terms_b = cosine_mse_terms(emb_2bxD[:b], emb_2bxD[b:], batch["labels"], batch["weights"])
         # This device's share of the global batch mean, scaled so that pmean over devices gives
         # the mean over all real pairs (also for a short last batch with padding rows).
@@ -419,8 +420,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict:
 
     log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main)
     groups = data_lib.prefetch(data_lib.dispatch_groups(
-        train_tokens, layout, cfg.seed, model.sentence.max_seq_length, start_step, total_steps,
-        cfg.steps_per_dispatch))
+        train_tokens, layout, cfg.seed, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
     last_eval: dict = {}  # {step: metrics} of the latest evaluation, reused as the final one
 

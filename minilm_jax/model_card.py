@@ -1,0 +1,457 @@
+"""The README.md written beside an exported model, laid out like the card that
+sentence-transformers' SentenceTransformerTrainer writes (sentence-transformers 6.x's
+`model_card_template.md`), so the Hub shows it the way it shows any fine-tuned
+sentence-transformers model: same YAML metadata, same sections, same table formats.
+
+`render_model_card(run)` is a pure function of the run summary that `train_lib.run_summary`
+builds; the keys are documented there by example and in `render_model_card`'s docstring.
+Nothing here reads files or imports sentence-transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+
+_LOSS_NAME = "CosineSimilarityLoss"
+# What sentence-transformers' CosineSimilarityLoss.get_config_dict() reports for the loss we
+# train (MSE between cosine and score, no transformation of the cosine).
+_LOSS_PARAMETERS = {
+    "loss_fct": "torch.nn.modules.loss.MSELoss",
+    "cos_score_transformation": "torch.nn.modules.linear.Identity",
+}
+_ST_LOSS_DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.html#cosinesimilarityloss"
+_ST_EVALUATOR_DOCS = ("https://sbert.net/docs/package_reference/sentence_transformer/evaluation.html"
+                      "#sentence_transformers.sentence_transformer.evaluation.EmbeddingSimilarityEvaluator")
+_TASKS = "semantic textual similarity, semantic search, paraphrase mining, classification, clustering, and more"
+_USAGE_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
+# The roles of the three pair columns; the dataset may call them anything (`columns`), but
+# `stats` and `samples` are keyed by role.
+_ROLES = ("sentence1", "sentence2", "score")
+_DATA_FILE_SUFFIXES = (".tsv", ".tab", ".csv", ".json", ".jsonl", ".parquet", ".txt")
+_MAX_SAMPLE_CHARS = 1000  # as sentence-transformers: a card is not the place for a whole document
+_HIDE_LOGS_ABOVE = 100  # rows; longer logs go in a collapsed <details>, as sentence-transformers does
+
+_CITATION = """\
+@inproceedings{reimers-2019-sentence-bert,
+    title = "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks",
+    author = "Reimers, Nils and Gurevych, Iryna",
+    booktitle = "Proceedings of the 2019 Conference on Empirical Methods in Natural Language Processing",
+    month = "11",
+    year = "2019",
+    publisher = "Association for Computational Linguistics",
+    url = "https://arxiv.org/abs/1908.10084",
+}"""
+
+
+def render_model_card(run: dict) -> str:
+    """The model card (markdown with YAML front matter) for one training run.
+
+    `run` has every one of these keys (None where the run had no evaluation):
+      base_model, base_model_path, max_seq_length, hidden_size, do_lower_case, normalize,
+      train_dataset {name, size, columns, stats {sentence1, sentence2, score: {min, mean, max}},
+                     samples [{sentence1, sentence2, score}]},
+      eval_dataset {name, size} | None, hyperparameters, default_hyperparameters,
+      log [{epoch, step, loss | None, spearman_cosine | None}], final_eval {metric: value} | None,
+      versions {python, minilm_jax, jax, flax, optax, tokenizers, datasets}.
+    `stats` are token counts over the whole training set (the card says so).
+    """
+    sections = [
+        _front_matter(run),
+        _introduction(run),
+        _model_details(run),
+        _usage(run),
+        _evaluation(run),
+        _training_details(run),
+        _framework_versions(run["versions"]),
+        _citation(),
+    ]
+    return "\n".join(section for section in sections if section).rstrip("\n") + "\n"
+
+
+# ----------------------------------------------------------------------------- names
+
+def _model_name(run: dict) -> str:
+    return f"SentenceTransformer based on {run['base_model']}"
+
+
+def _is_hub_id(name: str) -> bool:
+    """'org/name' on the Hugging Face Hub, as opposed to a local file or folder.
+
+    Only a guess from the spelling (this module does no I/O): one slash, no leading '.', '/'
+    or '~', and no data-file suffix."""
+    return (re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None
+            and not name.lower().endswith(_DATA_FILE_SUFFIXES))
+
+
+def _file_name(name: str) -> str:
+    return re.split(r"[/\\]", name.rstrip("/\\"))[-1]
+
+
+def _short_name(name: str) -> str:
+    """'data/stsb_dev.tsv' -> 'stsb_dev'; 'sentence-transformers/stsb' -> 'stsb': the label
+    sentence-transformers would give its evaluator (used in column names and the model-index)."""
+    last = _file_name(name)
+    for suffix in _DATA_FILE_SUFFIXES:
+        if last.lower().endswith(suffix):
+            last = last[: -len(suffix)]
+            break
+    return re.sub(r"[^\w.-]+", "-", last).strip("-") or "eval"
+
+
+def _eval_label(run: dict) -> str:
+    return _short_name(run["eval_dataset"]["name"]) if run["eval_dataset"] else "eval"
+
+
+def _dataset_markdown(name: str) -> str:
+    """A Hub dataset as a link; a local file by its file name only (its folder is of no use to a
+    reader of the card, and may be a private path)."""
+    if _is_hub_id(name):
+        return f"[{name}](https://huggingface.co/datasets/{name})"
+    return f"`{_file_name(name)}`"
+
+
+def _base_model_markdown(base_model: str) -> str:
+    if _is_hub_id(base_model):
+        return f"[{base_model}](https://huggingface.co/{base_model})"
+    return f"`{base_model}`"
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def _number(value) -> str:
+    """Floats to at most 4 decimals, as sentence-transformers' tables show them; ints as ints."""
+    if value is None:
+        return "-"
+    if isinstance(value, numbers.Integral):
+        return str(value)
+    if isinstance(value, numbers.Real):
+        return str(round(float(value), 4))
+    return str(value)
+
+
+# Characters that would end a table cell, open an HTML tag, or start markdown emphasis or code
+# inside a sample: written as character references so the sentence shows exactly as it is.
+_CELL_ESCAPES = str.maketrans({
+    "&": "&amp;", "<": "&lt;", ">": "&gt;", "\\": "&#92;", "`": "&#96;", "*": "&#42;", "_": "&#95;",
+    "[": "&#91;", "]": "&#93;", "|": "\\|",
+})
+
+
+def _table_cell(text: str) -> str:
+    """One line of markdown-table-safe text (newlines become <br>, pipes are escaped)."""
+    if len(text) > _MAX_SAMPLE_CHARS:
+        text = text[:_MAX_SAMPLE_CHARS] + "..."
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return "<br>".join(line.translate(_CELL_ESCAPES) for line in lines)
+
+
+def _markdown_table(header: list[str], rows: list[list[str]], centered: bool = False) -> str:
+    """A padded markdown table, byte for byte as transformers' make_markdown_table writes it
+    (sentence-transformers left-aligns its dataset and metric tables, centres its log table)."""
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells) -> str:
+        return "".join(f"| {cell}" + " " * (width - len(cell) + 1) for cell, width in zip(cells, widths)) + "|"
+
+    rule = "".join(f"|:{'-' * w}:" if centered else f"|:{'-' * (w + 1)}" for w in widths) + "|"
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def _indent(text: str, prefix: str = "  ") -> str:
+    """Indent under a list item, as sentence-transformers nests its dataset tables."""
+    return "\n".join(prefix + line if line else line for line in text.split("\n"))
+
+
+def _yaml_string(value: str) -> str:
+    """A plain YAML scalar when the text cannot be read as anything but this string; otherwise a
+    double-quoted one (JSON strings are valid YAML)."""
+    plain = (re.fullmatch(r"[A-Za-z][\w ./:+-]*", value) is not None
+             and ": " not in value and not value.endswith((":", " "))
+             and value.lower() not in {"true", "false", "yes", "no", "on", "off", "null", "y", "n"})
+    return value if plain else json.dumps(value, ensure_ascii=False)
+
+
+def _yaml_number(value: float) -> str:
+    value = float(value)
+    if math.isnan(value):
+        return ".nan"
+    if math.isinf(value):
+        return ".inf" if value > 0 else "-.inf"
+    return repr(value)
+
+
+def _numeric_metrics(final_eval: dict | None) -> dict[str, float]:
+    return {key: value for key, value in (final_eval or {}).items()
+            if isinstance(value, numbers.Real) and not isinstance(value, bool)}
+
+
+# ----------------------------------------------------------------------------- sections
+
+def _front_matter(run: dict) -> str:
+    lines = ["---", "tags:"]
+    tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
+            f"dataset_size:{run['train_dataset']['size']}", f"loss:{_LOSS_NAME}"]
+    lines += [f"- {_yaml_string(tag)}" for tag in tags]
+    # The Hub rejects a base_model (or dataset) that is not a repository id, so local paths are left out.
+    if _is_hub_id(run["base_model"]):
+        lines.append(f"base_model: {_yaml_string(run['base_model'])}")
+    if _is_hub_id(run["train_dataset"]["name"]):
+        lines += ["datasets:", f"- {_yaml_string(run['train_dataset']['name'])}"]
+    lines += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
+    metrics = _numeric_metrics(run["final_eval"])
+    if metrics:
+        label = _eval_label(run)
+        lines += ["metrics:", *(f"- {_yaml_string(key)}" for key in metrics)]
+        lines += [
+            "model-index:",
+            f"- name: {_yaml_string(_model_name(run))}",
+            "  results:",
+            "  - task:",
+            "      type: semantic-similarity",
+            "      name: Semantic Similarity",
+            "    dataset:",
+            f"      name: {_yaml_string(label.replace('_', ' ').replace('-', ' '))}",
+            f"      type: {_yaml_string(label)}",
+            "    metrics:",
+        ]
+        for key, value in metrics.items():
+            lines += [f"    - type: {_yaml_string(key)}",
+                      f"      value: {_yaml_number(value)}",
+                      f"      name: {_yaml_string(key.replace('_', ' ').title())}"]
+    lines.append("---")
+    return "\n".join(lines) + "\n"
+
+
+def _introduction(run: dict) -> str:
+    base = _base_model_markdown(run["base_model"])
+    data = _dataset_markdown(run["train_dataset"]["name"])
+    return (
+        f"# {_model_name(run)}\n\n"
+        f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on the {data} "
+        f"dataset. It maps inputs to a {run['hidden_size']}-dimensional dense vector space and can be used "
+        f"for {_TASKS}.\n\n"
+        "It was fine-tuned in JAX/Flax with minilm-jax, which reproduces sentence-transformers' model, "
+        "loss and metrics; the folder loads in both libraries.\n"
+    )
+
+
+def _architecture(run: dict) -> str:
+    """What `print(SentenceTransformer(folder))` shows for the classic folder layout we export
+    (sentence_bert_config.json, 1_Pooling/config.json, 2_Normalize)."""
+    transformer = {"max_seq_length": run["max_seq_length"], "do_lower_case": run["do_lower_case"]}
+    pooling = {
+        "word_embedding_dimension": run["hidden_size"], "pooling_mode_cls_token": False,
+        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
+        "pooling_mode_lasttoken": False, "include_prompt": True,
+    }
+    modules = [f"Transformer({transformer!r}) with Transformer model: BertModel", f"Pooling({pooling!r})"]
+    if run["normalize"]:
+        modules.append("Normalize()")
+    body = "\n".join(f"  ({i}): {module}" for i, module in enumerate(modules))
+    return f"```\nSentenceTransformer(\n{body}\n)\n```"
+
+
+def _model_details(run: dict) -> str:
+    return (
+        "## Model Details\n\n"
+        "### Model Description\n"
+        "- **Model Type:** Sentence Transformer\n"
+        f"- **Base model:** {_base_model_markdown(run['base_model'])}\n"
+        f"- **Maximum Sequence Length:** {run['max_seq_length']} tokens\n"
+        f"- **Output Dimensionality:** {run['hidden_size']} dimensions\n"
+        "- **Similarity Function:** Cosine Similarity\n"
+        "- **Training Dataset:**\n"
+        f"    - {_dataset_markdown(run['train_dataset']['name'])}\n\n"
+        "### Model Sources\n\n"
+        "- **Documentation:** [Sentence Transformers Documentation](https://sbert.net)\n"
+        "- **Repository:** [Sentence Transformers on GitHub](https://github.com/huggingface/sentence-transformers)\n"
+        "- **Hugging Face:** [Sentence Transformers on Hugging Face]"
+        "(https://huggingface.co/models?library=sentence-transformers)\n\n"
+        "### Full Model Architecture\n\n"
+        f"{_architecture(run)}\n"
+    )
+
+
+def _usage(run: dict) -> str:
+    n, dim = len(_USAGE_SENTENCES), run["hidden_size"]
+    sentences = "\n".join(f"    {sentence!r}," for sentence in _USAGE_SENTENCES)
+    return (
+        "## Usage\n\n"
+        "### Direct Usage (Sentence Transformers)\n\n"
+        "First install the Sentence Transformers library:\n\n"
+        "```bash\npip install -U sentence-transformers\n```\n"
+        "Then you can load this model and run inference.\n"
+        "```python\n"
+        "from sentence_transformers import SentenceTransformer\n\n"
+        "# This folder, or its Hugging Face Hub id once uploaded\n"
+        'model = SentenceTransformer("path/to/this/model")\n'
+        "# Run inference\n"
+        f"sentences = [\n{sentences}\n]\n"
+        "embeddings = model.encode(sentences)\n"
+        "print(embeddings.shape)\n"
+        f"# [{n}, {dim}]\n\n"
+        "# Get the similarity scores for the embeddings\n"
+        "similarities = model.similarity(embeddings, embeddings)\n"
+        "print(similarities.shape)\n"
+        f"# [{n}, {n}]\n"
+        "```\n\n"
+        "### Direct Usage (minilm-jax)\n\n"
+        "The same folder loads in JAX, without PyTorch:\n"
+        "```python\n"
+        "import minilm_jax\n\n"
+        'model = minilm_jax.load("path/to/this/model")\n'
+        f"sentences = [\n{sentences}\n]\n"
+        "embeddings = minilm_jax.encode(sentences, model)\n"
+        "print(embeddings.shape)\n"
+        f"# ({n}, {dim})\n\n"
+        "similarities = minilm_jax.similarity(embeddings, embeddings)\n"
+        "print(similarities.shape)\n"
+        f"# ({n}, {n})\n"
+        "```\n"
+    )
+
+
+def _evaluation(run: dict) -> str:
+    metrics = _numeric_metrics(run["final_eval"])
+    if not metrics:
+        return ""
+    # spearman_cosine is the primary metric of EmbeddingSimilarityEvaluator: bold, as in its cards.
+    rows = [[f"**{key}**", f"**{_number(value)}**"] if key == "spearman_cosine" else [key, _number(value)]
+            for key, value in metrics.items()]
+    return (
+        "## Evaluation\n\n"
+        "### Metrics\n\n"
+        "#### Semantic Similarity\n\n"
+        f"* Dataset: `{_eval_label(run)}`\n"
+        "* Evaluated with <code>minilm_jax.metrics.evaluate_pairs</code>, which computes the metrics of "
+        f"sentence-transformers' [<code>EmbeddingSimilarityEvaluator</code>]({_ST_EVALUATOR_DOCS})\n\n"
+        f"{_markdown_table(['Metric', 'Value'], rows)}\n"
+    )
+
+
+def _columns_phrase(columns: list[str]) -> str:
+    names = [f"<code>{column}</code>" for column in columns]
+    if len(names) <= 2:
+        return " and ".join(names)
+    return ", ".join(names[:-1]) + ", and " + names[-1]
+
+
+def _stats_table(dataset: dict) -> str:
+    def details(stats: dict, unit: str) -> str:
+        return "<ul>" + "".join(f"<li>{key}: {round(stats[key], 2)}{unit}</li>"
+                                for key in ("min", "mean", "max")) + "</ul>"
+
+    columns = dataset["columns"]
+    text_roles = _ROLES[:2]
+    header = [""] + columns
+    rows = [
+        ["type"] + ["string" if role in text_roles else "float" for role in _ROLES],
+        ["modality"] + ["text" if role in text_roles else "" for role in _ROLES],
+        ["details"] + [details(dataset["stats"][role], " tokens" if role in text_roles else "") for role in _ROLES],
+    ]
+    return _markdown_table(header, rows)
+
+
+def _samples_table(dataset: dict) -> str:
+    rows = [[f"<code>{_table_cell(str(sample[role]))}</code>" for role in _ROLES]
+            for sample in dataset["samples"][:3]]
+    return _markdown_table(dataset["columns"], rows)
+
+
+def _training_dataset(run: dict) -> str:
+    dataset = run["train_dataset"]
+    size = dataset["size"]
+    parts = [
+        "### Training Dataset\n\n",
+        f"#### {_short_name(dataset['name'])}\n\n",
+        f"* Dataset: {_dataset_markdown(dataset['name'])}\n",
+        f"* Size: {size:,} training samples\n",
+        f"* Columns: {_columns_phrase(dataset['columns'])}\n",
+        f"* Approximate statistics based on all {size:,} samples:\n",
+        _indent(_stats_table(dataset)) + "\n",
+    ]
+    if dataset["samples"]:
+        parts += ["* Samples:\n", _indent(_samples_table(dataset)) + "\n"]
+    parameters = json.dumps(_LOSS_PARAMETERS, indent=4)
+    parts.append(f"* Loss: [<code>{_LOSS_NAME}</code>]({_ST_LOSS_DOCS}) with these parameters:\n"
+                 + _indent(f"```json\n{parameters}\n```") + "\n")
+    return "".join(parts)
+
+
+def _evaluation_dataset(run: dict) -> str:
+    dataset = run["eval_dataset"]
+    if not dataset:
+        return ""
+    return (
+        "### Evaluation Dataset\n\n"
+        f"#### {_short_name(dataset['name'])}\n\n"
+        f"* Dataset: {_dataset_markdown(dataset['name'])}\n"
+        f"* Size: {dataset['size']:,} evaluation samples\n"
+    )
+
+
+def non_default_hyperparameters(hyperparameters: dict, defaults: dict) -> dict:
+    """The settings a reader needs to reproduce the run: those that differ from the defaults, and
+    those that have no default at all."""
+    return {name: value for name, value in hyperparameters.items()
+            if name not in defaults or value != defaults[name]}
+
+
+def _hyperparameters(run: dict) -> str:
+    def bullets(values: dict) -> str:
+        return "".join(f"- `{name}`: {value}\n" for name, value in values.items())
+
+    changed = non_default_hyperparameters(run["hyperparameters"], run["default_hyperparameters"])
+    text = "### Training Hyperparameters\n"
+    if changed:
+        text += "#### Non-Default Hyperparameters\n\n" + bullets(changed) + "\n"
+    text += ("#### All Hyperparameters\n<details><summary>Click to expand</summary>\n\n"
+             + bullets(run["hyperparameters"]) + "\n</details>\n")
+    return text
+
+
+def _best_eval_step(log: list[dict]):
+    # A NaN correlation (constant predictions) is no candidate: max() would order it arbitrarily.
+    scored = [row for row in log if row.get("spearman_cosine") is not None and math.isfinite(row["spearman_cosine"])]
+    if not scored:
+        return None
+    return max(scored, key=lambda row: row["spearman_cosine"])["step"]
+
+
+def _training_logs(run: dict) -> str:
+    log = run["log"]
+    if not log:
+        return ""
+    with_eval = any(row.get("spearman_cosine") is not None for row in log)
+    header = ["Epoch", "Step", "Training Loss"] + ([f"{_eval_label(run)}_spearman_cosine"] if with_eval else [])
+    best_step = _best_eval_step(log)
+    rows = []
+    for row in log:
+        cells = [_number(row.get("epoch")), _number(row["step"]), _number(row.get("loss"))]
+        if with_eval:
+            cells.append(_number(row.get("spearman_cosine")))
+        rows.append([f"**{cell}**" for cell in cells] if row["step"] == best_step else cells)
+    table = _markdown_table(header, rows, centered=True)
+    if len(log) > _HIDE_LOGS_ABOVE:
+        table = f"<details><summary>Click to expand</summary>\n\n{table}\n</details>"
+    note = "\n* The bold row has the best evaluation spearman_cosine.\n" if best_step is not None else ""
+    return f"### Training Logs\n{table}\n{note}"
+
+
+def _training_details(run: dict) -> str:
+    parts = [_training_dataset(run), _evaluation_dataset(run), _hyperparameters(run), _training_logs(run)]
+    return "## Training Details\n\n" + "\n".join(part for part in parts if part)
+
+
+def _framework_versions(versions: dict) -> str:
+    names = [("python", "Python"), ("minilm_jax", "minilm-jax"), ("jax", "JAX"), ("flax", "Flax"),
+             ("optax", "Optax"), ("tokenizers", "Tokenizers"), ("datasets", "Datasets")]
+    return "### Framework Versions\n" + "".join(f"- {label}: {versions[key]}\n" for key, label in names)
+
+
+def _citation() -> str:
+    return f"## Citation\n\n### BibTeX\n\n#### Sentence Transformers\n```bibtex\n{_CITATION}\n```\n"
