@@ -47,7 +47,10 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     import minilm_jax
+    from minilm_jax.compilation_cache import enable_compilation_cache
     from minilm_jax.metrics import evaluate_pairs
+
+    enable_compilation_cache()
     from minilm_jax.pairs import Columns, load_pairs
 
     pairs = load_pairs(args.pairs, Columns(args.sentence1_column, args.sentence2_column, args.score_column))

@@ -96,7 +96,10 @@ def main(argv=None):
         import jax
 
         jax.distributed.initialize()
+    from minilm_jax.compilation_cache import enable_compilation_cache
     from minilm_jax.train_lib import TrainConfig, train_and_evaluate
+
+    enable_compilation_cache()
 
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})

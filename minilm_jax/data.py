@@ -14,6 +14,7 @@ each side to its longest sentence: about twice the real tokens on Quora).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import queue
 import threading
@@ -60,8 +61,12 @@ def steps_per_epoch(n_pairs: int, batch_size: int) -> int:
     return math.ceil(n_pairs / batch_size)
 
 
+@functools.lru_cache(maxsize=4)
 def epoch_permutation(n_pairs: int, seed: int, epoch: int) -> np.ndarray:
-    return np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    # Cached: every step of an epoch slices the same permutation.
+    order = np.random.default_rng([seed, epoch]).permutation(n_pairs)
+    order.flags.writeable = False
+    return order
 
 
 def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int) -> np.ndarray:
