@@ -149,20 +149,17 @@ def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, seed: int, start_
     for first in range(start_step, end_step, steps_per_dispatch):
         steps = range(first, min(first + steps_per_dispatch, end_step))
         indices = [batch_indices(n, layout.batch_size, seed, s) for s in steps]
-        devices = range(layout.first_device, layout.first_device + layout.local_devices)
-        lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)] for d in devices] for idx in indices]
-        longest = max(max(ls) for per_step in lengths for ls in per_step)
-        row_length = next((n for n in PACK_LENGTHS if n >= longest), longest)
-        packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in lengths]
-        n_rows = max(len(p) for per_step in packings for p in per_step)
-        # Every host must pick the same shape: take the maximum over all devices of the global batch.
-        if layout.local_devices != layout.global_devices:
-            all_lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)]
-                            for d in range(layout.global_devices)] for idx in indices]
-            row_length = next((n for n in PACK_LENGTHS if n >= max(max(ls) for s in all_lengths for ls in s)), longest)
-            n_rows = max(len(pack_sentences(ls, row_length)) for s in all_lengths for ls in s)
-            packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in lengths]
-        n_rows = -(-n_rows // ROW_MULTIPLE) * ROW_MULTIPLE
+        # Every host must pick the same shape, so the shape comes from all devices of the global
+        # batch; default=0: a short last batch can leave a device with no pairs at all.
+        all_lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)]
+                        for d in range(layout.global_devices)] for idx in indices]
+        longest = max(max(ls, default=0) for per_step in all_lengths for ls in per_step)
+        row_length = next((p for p in PACK_LENGTHS if p >= longest), longest)
+        all_packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in all_lengths]
+        n_rows = max(len(p) for per_step in all_packings for p in per_step)
+        n_rows = max(ROW_MULTIPLE, -(-n_rows // ROW_MULTIPLE) * ROW_MULTIPLE)
+        mine = slice(layout.first_device, layout.first_device + layout.local_devices)
+        packings = [per_step[mine] for per_step in all_packings]
         batches = [make_batch(data, idx, layout, row_length, n_rows, packing)
                    for idx, packing in zip(indices, packings)]
         yield first, len(steps), {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
