@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
+import glob
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
+import time
 import zipfile
 from collections import OrderedDict
 from pathlib import Path
@@ -100,23 +104,54 @@ def load_model(path: str) -> Model:
         meta = _read_json(folder / FORMAT_FILE)
         sentence = SentenceConfig(**{k: meta[k] for k in ("max_seq_length", "do_lower_case", "pooling", "normalize")
                                      if k in meta})
-        weights = convert.unflatten(read_safetensors(folder / PARAMS_FILE))
+        flat = read_safetensors(folder / PARAMS_FILE)
+        _check_layer_count(flat, r"^encoder/layer_(\d+)/", config, folder)
+        weights = convert.unflatten(flat)
         # Validate names and shapes through the table, in our direction.
         convert.to_torch_state(weights, config)
     else:
         sentence = _read_sentence_config(folder, config)
         state = read_torch_weights(folder)
+        _check_layer_count(state, r"(?:^|\.)encoder\.layer\.(\d+)\.", config, folder)
         weights = convert.from_torch_state(state, config, source=str(folder))
     if sentence.max_seq_length > config.max_position_embeddings:
         raise UserError(f"{folder}: max_seq_length {sentence.max_seq_length} exceeds max_position_embeddings "
                         f"{config.max_position_embeddings}; lower max_seq_length in sentence_bert_config.json")
     tokenizer = Tokenizer.from_folder(str(folder), sentence.max_seq_length)
+    if sentence.do_lower_case:
+        _lowercase_inputs(tokenizer.backend)
     vocab_used = tokenizer.backend.get_vocab_size()
     if vocab_used > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {vocab_used} tokens but config.json's vocab_size is "
                         f"{config.vocab_size}; the tokenizer and the weights belong to different models")
     return Model(config, sentence, weights["encoder"], weights["pooler"], tokenizer,
                  _read_tokenizer_files(folder), str(folder))
+
+
+def _lowercase_inputs(backend) -> None:
+    """sentence_bert_config.json's do_lower_case, as sentence-transformers applies it: a Lowercase
+    normaliser in front of the tokenizer's own, unless one is already there."""
+    from tokenizers.normalizers import Lowercase, Sequence
+
+    normalizer = backend.normalizer
+    if isinstance(normalizer, Lowercase) or (isinstance(normalizer, Sequence)
+                                             and any(isinstance(n, Lowercase) for n in normalizer)):
+        return
+    backend.normalizer = Sequence([Lowercase()] + (list(normalizer) if isinstance(normalizer, Sequence)
+                                                   else [normalizer] if normalizer is not None else []))
+
+
+def _check_layer_count(names, pattern: str, config: BertConfig, folder: Path) -> None:
+    """Name the disagreement when config.json and the weights have different depths (rather than
+    listing every tensor of the missing or extra layers)."""
+    per_layer: dict[int, int] = {}
+    for name in names:
+        if m := re.search(pattern, name):
+            per_layer[int(m.group(1))] = per_layer.get(int(m.group(1)), 0) + 1
+    whole_layers = set(per_layer) == set(range(len(per_layer))) and len(set(per_layer.values())) == 1
+    if per_layer and whole_layers and len(per_layer) != config.num_hidden_layers:  # else: name the odd tensors
+        raise UserError(f"{folder}: config.json has num_hidden_layers {config.num_hidden_layers} but the weights hold "
+                        f"{len(per_layer)} layers; fix config.json or use the weights it belongs to")
 
 
 def _read_sentence_config(folder: Path, config: BertConfig) -> SentenceConfig:
@@ -178,6 +213,16 @@ class _StorageType:
 
 
 def _rebuild_tensor(storage, offset, size, stride, *_unused):
+    # A crafted file must not make as_strided read outside the storage: check the view's extent.
+    size, stride = tuple(size), tuple(stride)
+    if not isinstance(storage, np.ndarray) or len(size) != len(stride) or not all(
+            type(n) is int and n >= 0 for n in (offset, *size, *stride)):
+        raise ValueError(f"bad tensor: offset {offset!r:.20}, size {size!r:.40}, stride {stride!r:.40}")
+    if 0 in size:
+        return np.zeros(size, storage.dtype)
+    last = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if last >= len(storage):
+        raise ValueError(f"a tensor of size {list(size)} reaches element {last} of a storage of {len(storage)}")
     itemsize = storage.dtype.itemsize
     if not size:
         return storage[offset:offset + 1].reshape(()).copy()
@@ -238,12 +283,20 @@ def read_pytorch_bin(path: Path) -> dict[str, np.ndarray]:
             root = pickles[0][: -len("/data.pkl")]
             with archive.open(pickles[0]) as f:
                 state = _SafeUnpickler(f, archive, root, str(path)).load()
+    except UserError:
+        raise
     except (zipfile.BadZipFile, EOFError, KeyError, pickle.UnpicklingError) as e:
         raise UserError(f"{path} is truncated or corrupt ({e}); re-download the model") from None
+    except Exception as e:  # an untrusted file: whatever it makes the reader trip on, it is a bad file
+        raise UserError(f"{path} is not a valid PyTorch state dict ({type(e).__name__}: {str(e)[:160]}); "
+                        "re-download it or convert it to model.safetensors with a trusted tool") from None
     if not isinstance(state, dict):
         raise UserError(f"{path} does not hold a state dict")
     out = {}
     for name, array in state.items():
+        if not isinstance(name, str) or not isinstance(array, np.ndarray):
+            raise UserError(f"{path}: entry {name!r:.60} is a {type(array).__name__}, not a tensor; "
+                            "not a PyTorch state dict")
         if array.dtype.kind == "f" and array.dtype != np.float32 or str(array.dtype) == "bfloat16":
             array = array.astype(np.float32)  # half-precision checkpoints are computed in float32
         out[name] = array
@@ -254,28 +307,117 @@ def read_pytorch_bin(path: Path) -> dict[str, np.ndarray]:
 
 @contextlib.contextmanager
 def atomic_folder(out: str, overwrite: bool = False):
-    """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes."""
+    """Yield a temporary folder; on success it replaces `out` in one rename, on failure it vanishes.
+
+    The temporary folder is flock()ed while it is written, so that the leftovers of a writer killed
+    with kill -9 (unlocked) can be told from another writer's work in progress and cleaned up by the
+    next write to the same target; an `out` that such a writer had moved aside is put back first.
+    An OSError (full disk, read-only folder) names `out`, not the temporary folder."""
     target = Path(out).absolute()
     if target.exists() and not target.is_dir():
         raise UserError(f"{out} exists and is a file; choose a folder path")
+    blocker = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise UserError(f"cannot write {out}: {blocker} is a file, not a folder; choose another output path")
+    if target.parent.is_dir():
+        with _dir_lock(target.parent) as locked:
+            if locked:
+                _remove_stale_writes(target)
     if target.exists() and any(target.iterdir()) and not overwrite:
         raise UserError(f"{out} exists and is not empty; pass --overwrite (overwrite=True) to replace it, "
                         "or choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp, tmp_fd = None, None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with _dir_lock(target.parent):  # no cleaner runs between our mkdtemp and our flock
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+            tmp_fd = os.open(tmp, os.O_RDONLY)
+            _try_flock(tmp_fd)
         yield tmp
         _finish_tree(tmp)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.rename(target, old / "x")
-            os.rename(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
+        with _dir_lock(target.parent):  # a cleaner must not see `out` moved aside
+            if target.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+                os.rename(target, old / "x")
+                os.rename(tmp, target)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rename(tmp, target)
+            _fsync_dir(target.parent)
+    except OSError as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise OSError(e.errno, f"{e.strerror or e}; nothing was written", out) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        if tmp_fd is not None:
+            os.close(tmp_fd)
+
+
+def _try_flock(fd: int) -> bool:
+    """flock(LOCK_EX | LOCK_NB); False when someone else holds it or the file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _dir_lock(folder: Path, timeout: float = 10.0):
+    """flock() a folder for a short critical section. Yields whether it is locked: never waits longer
+    than `timeout` (and never deadlocks on a caller's own lock), and a file system without flock
+    just goes unlocked."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        yield False
+        return
+    try:
+        locked, deadline = False, time.monotonic() + timeout
+        while not locked and time.monotonic() < deadline:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+            except BlockingIOError:
+                time.sleep(0.01)
+            except OSError:
+                break
+        yield locked
+    finally:
+        os.close(fd)
+
+
+def _remove_stale_writes(target: Path) -> None:
+    """Remove `.NAME.tmp-*` / `.NAME.old-*` folders that no live writer holds (a writer killed mid-write
+    left them); restore NAME from `.NAME.old-*/x` when a writer was killed between its two renames."""
+    for kind in ("old", "tmp"):
+        for stale in sorted(target.parent.glob(f".{glob.escape(target.name)}.{kind}-*")):
+            try:
+                fd = os.open(stale, os.O_RDONLY | os.O_DIRECTORY)
+            except OSError:
+                continue
+            try:
+                if not _try_flock(fd):
+                    continue  # a live writer's, or no flock here: leave it
+                if kind == "old" and not target.exists() and (stale / "x").is_dir():
+                    os.rename(stale / "x", target)
+                shutil.rmtree(stale, ignore_errors=True)
+            except OSError:
+                pass  # best effort: a read-only parent, a vanished folder
+            finally:
+                os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _finish_tree(folder: Path) -> None:
@@ -305,6 +447,20 @@ def _write_tokenizer_files(folder: Path, model: Model) -> None:
         (folder / name).write_bytes(data)
 
 
+def _save_safetensors(tensors: dict, path: Path, metadata: dict) -> None:
+    """safetensors' save_file, with an I/O failure (a full disk) raised as the OSError it is."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as e:
+        code = re.search(r"os error (\d+)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
+
+
 def _numpy_tree(tree):
     import jax
 
@@ -312,29 +468,25 @@ def _numpy_tree(tree):
 
 
 def save_minilm_jax(model: Model, out: str, overwrite: bool = False) -> None:
-    from safetensors.numpy import save_file
-
     weights = _numpy_tree(model.weights())
     convert.to_torch_state(weights, model.config)  # validates before anything is written
     with atomic_folder(out, overwrite) as tmp:
         _write_json(tmp / FORMAT_FILE, {"format": "minilm-jax", "version": _FORMAT_VERSION,
                                         **dataclasses.asdict(model.sentence)})
         _write_json(tmp / "config.json", model.config.to_dict())
-        save_file({k: np.ascontiguousarray(v) for k, v in convert.flatten(weights).items()},
-                  str(tmp / PARAMS_FILE), metadata={"format": "minilm-jax"})
+        _save_safetensors({k: np.ascontiguousarray(v) for k, v in convert.flatten(weights).items()},
+                          tmp / PARAMS_FILE, metadata={"format": "minilm-jax"})
         _write_tokenizer_files(tmp, model)
 
 
 def save_sentence_transformers(model: Model, out: str, overwrite: bool = False, extra_files: dict | None = None) -> None:
     """The classic layout that sentence-transformers 2.x to 6.x load. `extra_files`: name -> text (a model card)."""
-    from safetensors.numpy import save_file
-
     from minilm_jax import __version__
 
     state = convert.to_torch_state(_numpy_tree(model.weights()), model.config)
     with atomic_folder(out, overwrite) as tmp:
-        save_file({k: np.ascontiguousarray(v) for k, v in state.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        _save_safetensors({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp / "model.safetensors",
+                          metadata={"format": "pt"})
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_tokenizer_files(tmp, model)
         _write_json(tmp / "sentence_bert_config.json",

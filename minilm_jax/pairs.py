@@ -45,7 +45,9 @@ def _quiet_datasets():
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # CRITICAL, not ERROR: its readers log "Failed to read file ..." before raising, and we turn the
+    # exception itself into the one error line.
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     return datasets
 
 
@@ -59,6 +61,12 @@ def _first_line_columns(path: str, delimiter: str) -> list[str]:
     except UnicodeDecodeError as e:
         raise UserError(f"{path} line 1 is not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
     return [c.strip() for c in text.rstrip("\r\n").split(delimiter)]
+
+
+def _has_rows_after_header(path: str) -> bool:
+    with open(path, "rb") as f:
+        f.readline()
+        return any(line.strip() for line in f)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -81,6 +89,8 @@ def read_table(path: str, columns: Columns) -> tuple[dict[str, list], int]:
             delimiter = _CSV_DELIMITERS[ext]
             header = _first_line_columns(path, delimiter)
             _check_columns(path, header, wanted)
+            if not _has_rows_after_header(path):  # datasets would fail with "corresponds to no data"
+                raise UserError(f"{path} has a header but no rows; add at least one pair")
             features = datasets.Features({name: datasets.Value("string") for name in header})
             kwargs = dict(delimiter=delimiter, features=features, keep_default_na=False, na_filter=False,
                           encoding="utf-8-sig")

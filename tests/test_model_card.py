@@ -1,0 +1,392 @@
+"""The model card written beside an exported model, and the training plot."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+
+import pytest
+
+from minilm_jax.model_card import non_default_hyperparameters, render_model_card
+from minilm_jax.plot import plot_training
+
+DEFAULTS = {
+    "learning_rate": 5e-05, "per_device_train_batch_size": 16, "train_batch_size": 16, "num_train_epochs": 1,
+    "max_steps": None, "warmup_steps": 0, "weight_decay": 0.0, "adam_beta1": 0.9, "adam_beta2": 0.999,
+    "adam_epsilon": 1e-08, "max_grad_norm": 1.0, "seed": 42, "lr_scheduler_type": "linear", "dropout": 0.1,
+    "dtype": "float32", "num_devices": 1, "steps_per_dispatch": 1,
+}
+# Differs from DEFAULTS in exactly: num_train_epochs, warmup_steps, seed, dtype.
+HYPERPARAMETERS = {**DEFAULTS, "num_train_epochs": 2, "warmup_steps": 100, "seed": 7, "dtype": "bfloat16"}
+
+
+def realistic_run() -> dict:
+    """The shape train_lib.run_summary gives, with the figures of a quora fine-tuning run."""
+    return {
+        "base_model": "sentence-transformers/all-MiniLM-L6-v2",
+        "base_model_path": "/models/all-MiniLM-L6-v2",
+        "max_seq_length": 256, "hidden_size": 384, "do_lower_case": False, "normalize": True,
+        "train_dataset": {
+            "name": "/work/shared/data/quora_train.tsv", "size": 32944,
+            "columns": ["sentence1", "sentence2", "score"],
+            "stats": {"sentence1": {"min": 4, "mean": 15.123456, "max": 71},
+                      "sentence2": {"min": 5, "mean": 15.9876, "max": 88},
+                      "score": {"min": 0.0, "mean": 0.3712345, "max": 1.0}},
+            "samples": [
+                {"sentence1": "How do I learn Python?", "sentence2": "What is the best way to learn Python?",
+                 "score": 1.0},
+                {"sentence1": "Is a | b the same as a or b?", "sentence2": "line one\nline two", "score": 0.0},
+                {"sentence1": "What does <b> do in *HTML*?", "sentence2": r"Why is C:\path|x odd?", "score": 0.0},
+                {"sentence1": "a fourth sample", "sentence2": "not shown", "score": 1.0},
+            ],
+        },
+        "eval_dataset": {"name": "/work/shared/data/quora_dev.tsv", "size": 5000},
+        "hyperparameters": dict(HYPERPARAMETERS),
+        "default_hyperparameters": dict(DEFAULTS),
+        "log": [
+            {"epoch": 0.0, "step": 0, "loss": None, "spearman_cosine": 0.635712},
+            {"epoch": 0.0486, "step": 100, "loss": 0.16012345, "spearman_cosine": None},
+            {"epoch": 0.9714, "step": 2000, "loss": 0.126, "spearman_cosine": 0.7312345},
+            {"epoch": 1.9909, "step": 4100, "loss": 0.099, "spearman_cosine": None},
+            {"epoch": 2.0, "step": 4118, "loss": 0.1138, "spearman_cosine": 0.7251},
+        ],
+        "final_eval": {"pearson_cosine": 0.72471234, "spearman_cosine": 0.72512345},
+        "versions": {"python": "3.11.7", "minilm_jax": "0.1.0", "jax": "0.10.2", "flax": "0.12.1",
+                     "optax": "0.2.8", "tokenizers": "0.23.3", "datasets": "5.2.0"},
+    }
+
+
+def front_matter(card: str) -> str:
+    assert card.startswith("---\n")
+    return card.split("---\n", 2)[1]
+
+
+def section(card: str, heading: str) -> str:
+    """The text under `heading` up to the next heading of the same or a higher level
+    (lines inside ``` fences are code, so a `# comment` there is no heading)."""
+    level = len(heading) - len(heading.lstrip("#"))
+    lines = card.split("\n")
+    start = lines.index(heading) + 1
+    in_code = False
+    for end in range(start, len(lines)):
+        if lines[end].lstrip().startswith("```"):
+            in_code = not in_code
+        elif not in_code and re.match(r"#{1,%d} " % level, lines[end]):
+            return "\n".join(lines[start:end])
+    return "\n".join(lines[start:])
+
+
+def split_row(line: str) -> list[str]:
+    """Cells of a markdown table row, honouring escaped pipes."""
+    inner = line.strip()
+    assert inner.startswith("|") and inner.endswith("|"), line
+    return [cell.strip() for cell in re.split(r"(?<!\\)\|", inner[1:-1])]
+
+
+def tables(text: str) -> list[dict]:
+    """Every markdown table in `text`: {"header": [...], "rows": [[...], ...]}."""
+    found, block = [], []
+    for line in text.split("\n") + [""]:
+        if line.strip().startswith("|"):
+            block.append(line)
+            continue
+        if block:
+            assert re.fullmatch(r"(\|:-+:?)+\|", block[1].strip()), block[1]
+            header = split_row(block[0])
+            rows = [split_row(row) for row in block[2:]]
+            assert all(len(row) == len(header) for row in rows), block
+            found.append({"header": header, "rows": rows})
+            block = []
+    return found
+
+
+@pytest.fixture(scope="module")
+def card() -> str:
+    return render_model_card(realistic_run())
+
+
+def test_sections_in_order(card):
+    headings = [
+        "# SentenceTransformer based on sentence-transformers/all-MiniLM-L6-v2",
+        "## Model Details", "### Model Description", "### Full Model Architecture",
+        "## Usage", "### Direct Usage (Sentence Transformers)", "### Direct Usage (minilm-jax)",
+        "## Evaluation", "#### Semantic Similarity",
+        "## Training Details", "### Training Dataset", "### Evaluation Dataset", "### Training Hyperparameters",
+        "#### Non-Default Hyperparameters", "#### All Hyperparameters", "### Training Logs",
+        "### Framework Versions", "## Citation",
+    ]
+    lines = card.split("\n")
+    positions = [lines.index(heading) for heading in headings]
+    assert positions == sorted(positions)
+
+
+def test_front_matter_parses(card):
+    yaml = pytest.importorskip("yaml")
+    meta = yaml.safe_load(front_matter(card))
+    assert meta["tags"] == ["sentence-transformers", "sentence-similarity", "feature-extraction",
+                            "generated_from_trainer", "dataset_size:32944", "loss:CosineSimilarityLoss"]
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["pipeline_tag"] == "sentence-similarity"
+    assert meta["library_name"] == "sentence-transformers"
+    assert meta["metrics"] == ["pearson_cosine", "spearman_cosine"]
+    assert "datasets" not in meta  # a local file is not a Hub dataset id
+    [index] = meta["model-index"]
+    assert index["name"] == "SentenceTransformer based on sentence-transformers/all-MiniLM-L6-v2"
+    [result] = index["results"]
+    assert result["task"] == {"type": "semantic-similarity", "name": "Semantic Similarity"}
+    assert result["dataset"] == {"name": "quora dev", "type": "quora_dev"}
+    assert result["metrics"] == [
+        {"type": "pearson_cosine", "value": 0.72471234, "name": "Pearson Cosine"},
+        {"type": "spearman_cosine", "value": 0.72512345, "name": "Spearman Cosine"},
+    ]
+
+
+def test_front_matter_quotes_what_yaml_would_misread():
+    yaml = pytest.importorskip("yaml")
+    run = realistic_run()
+    run["base_model"] = "/models/v2: #1 'best'"
+    run["train_dataset"]["name"] = "sentence-transformers/stsb"
+    run["eval_dataset"]["name"] = "dev: 2024 #1.tsv"
+    run["final_eval"] = {"pearson_cosine": float("nan"), "spearman_cosine": 0.5}
+    meta = yaml.safe_load(front_matter(render_model_card(run)))
+    assert "base_model" not in meta
+    assert meta["datasets"] == ["sentence-transformers/stsb"]
+    [index] = meta["model-index"]
+    assert index["name"] == "SentenceTransformer based on /models/v2: #1 'best'"
+    assert index["results"][0]["dataset"] == {"name": "dev 2024 1", "type": "dev-2024-1"}
+    pearson, spearman = index["results"][0]["metrics"]
+    assert pearson["value"] != pearson["value"] and spearman["value"] == 0.5  # NaN stays NaN
+
+
+def test_nan_spearman_is_never_the_best_row():
+    run = realistic_run()
+    run["log"][0]["spearman_cosine"] = float("nan")
+    [table] = tables(section(render_model_card(run), "### Training Logs"))
+    assert table["rows"][0] == ["0.0", "0", "-", "nan"]
+    assert table["rows"][2][1] == "**2000**"
+
+
+def test_local_base_model_is_not_claimed_as_hub_id():
+    run = realistic_run()
+    run["base_model"] = "/home/me/models/minilm"
+    card = render_model_card(run)
+    assert "base_model:" not in front_matter(card)
+    assert "https://huggingface.co//home" not in card
+    assert "- **Base model:** `/home/me/models/minilm`" in card
+
+
+def test_model_description_and_architecture(card):
+    description = section(card, "### Model Description")
+    assert "- **Model Type:** Sentence Transformer" in description
+    assert ("- **Base model:** [sentence-transformers/all-MiniLM-L6-v2]"
+            "(https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2)") in description
+    assert "- **Maximum Sequence Length:** 256 tokens" in description
+    assert "- **Output Dimensionality:** 384 dimensions" in description
+    assert "- **Similarity Function:** Cosine Similarity" in description
+    assert "    - `quora_train.tsv`" in description
+    architecture = section(card, "### Full Model Architecture")
+    assert "  (0): Transformer({'max_seq_length': 256, 'do_lower_case': False}) with Transformer model: BertModel" \
+        in architecture
+    assert "  (1): Pooling({'word_embedding_dimension': 384, 'pooling_mode_cls_token': False, " \
+           "'pooling_mode_mean_tokens': True," in architecture
+    assert "  (2): Normalize()" in architecture
+
+
+def test_architecture_without_normalize():
+    run = realistic_run()
+    run["normalize"] = False
+    assert "Normalize()" not in section(render_model_card(run), "### Full Model Architecture")
+
+
+def test_usage_snippets(card):
+    usage = section(card, "## Usage")
+    assert 'model = SentenceTransformer("path/to/this/model")' in usage
+    assert "# [3, 384]" in usage
+    assert "import minilm_jax" in usage
+    assert 'model = minilm_jax.load("path/to/this/model")' in usage
+    assert "embeddings = minilm_jax.encode(sentences, model)" in usage
+    assert usage.count("```python") == 2
+
+
+def test_evaluation_table(card):
+    evaluation = section(card, "## Evaluation")
+    assert "* Dataset: `quora_dev`" in evaluation
+    [table] = tables(evaluation)
+    assert table["header"] == ["Metric", "Value"]
+    assert table["rows"] == [["pearson_cosine", "0.7247"], ["**spearman_cosine**", "**0.7251**"]]
+
+
+def test_training_dataset_tables(card):
+    dataset = section(card, "### Training Dataset")
+    assert "* Size: 32,944 training samples" in dataset
+    assert "* Columns: <code>sentence1</code>, <code>sentence2</code>, and <code>score</code>" in dataset
+    assert "* Approximate statistics based on all 32,944 samples:" in dataset
+    stats, samples = tables(dataset)
+    assert stats["header"] == ["", "sentence1", "sentence2", "score"]
+    assert stats["rows"][0] == ["type", "string", "string", "float"]
+    assert stats["rows"][2] == [
+        "details",
+        "<ul><li>min: 4 tokens</li><li>mean: 15.12 tokens</li><li>max: 71 tokens</li></ul>",
+        "<ul><li>min: 5 tokens</li><li>mean: 15.99 tokens</li><li>max: 88 tokens</li></ul>",
+        "<ul><li>min: 0.0</li><li>mean: 0.37</li><li>max: 1.0</li></ul>",
+    ]
+    assert samples["header"] == ["sentence1", "sentence2", "score"]
+    assert len(samples["rows"]) == 3  # the first three, as sentence-transformers shows
+    assert samples["rows"][0] == ["<code>How do I learn Python?</code>",
+                                  "<code>What is the best way to learn Python?</code>", "<code>1.0</code>"]
+    # A pipe stays inside its cell, a newline becomes <br>, HTML and emphasis are shown, not applied.
+    assert samples["rows"][1][:2] == [r"<code>Is a \| b the same as a or b?</code>",
+                                      "<code>line one<br>line two</code>"]
+    assert samples["rows"][2][0] == "<code>What does &lt;b&gt; do in &#42;HTML&#42;?</code>"
+    assert samples["rows"][2][1] == r"<code>Why is C:&#92;path\|x odd?</code>"
+    assert '"loss_fct": "torch.nn.modules.loss.MSELoss"' in dataset
+    assert "* Loss: [<code>CosineSimilarityLoss</code>]" in dataset
+
+
+def test_renamed_columns_keep_their_names():
+    run = realistic_run()
+    run["train_dataset"]["columns"] = ["question1", "question2", "is_duplicate"]
+    dataset = section(render_model_card(run), "### Training Dataset")
+    stats, samples = tables(dataset)
+    assert stats["header"] == ["", "question1", "question2", "is_duplicate"]
+    assert samples["header"] == ["question1", "question2", "is_duplicate"]
+
+
+def test_hyperparameters(card):
+    non_default = section(card, "#### Non-Default Hyperparameters")
+    listed = re.findall(r"^- `(\w+)`: (.*)$", non_default, re.M)
+    assert listed == [("num_train_epochs", "2"), ("warmup_steps", "100"), ("seed", "7"), ("dtype", "bfloat16")]
+    everything = section(card, "#### All Hyperparameters")
+    assert [name for name, _ in re.findall(r"^- `(\w+)`: (.*)$", everything, re.M)] == list(HYPERPARAMETERS)
+    assert "- `learning_rate`: 5e-05" in everything
+    assert "- `max_steps`: None" in everything
+
+
+def test_non_default_hyperparameters_is_exactly_the_difference():
+    assert non_default_hyperparameters(HYPERPARAMETERS, DEFAULTS) == {
+        "num_train_epochs": 2, "warmup_steps": 100, "seed": 7, "dtype": "bfloat16"}
+    assert non_default_hyperparameters(DEFAULTS, DEFAULTS) == {}
+    # A setting with no default is part of what a reader must know.
+    assert non_default_hyperparameters({"new": 1, "seed": 42}, DEFAULTS) == {"new": 1}
+
+
+def test_no_non_default_section_when_all_default():
+    run = realistic_run()
+    run["hyperparameters"] = dict(DEFAULTS)
+    card = render_model_card(run)
+    assert "#### Non-Default Hyperparameters" not in card
+    assert "#### All Hyperparameters" in card
+
+
+def test_training_logs_table(card):
+    [table] = tables(section(card, "### Training Logs"))
+    assert table["header"] == ["Epoch", "Step", "Training Loss", "quora_dev_spearman_cosine"]
+    assert table["rows"] == [
+        ["0.0", "0", "-", "0.6357"],
+        ["0.0486", "100", "0.1601", "-"],
+        ["**0.9714**", "**2000**", "**0.126**", "**0.7312**"],  # the best spearman_cosine
+        ["1.9909", "4100", "0.099", "-"],
+        ["2.0", "4118", "0.1138", "0.7251"],
+    ]
+    assert "* The bold row has the best evaluation spearman_cosine." in card
+
+
+def test_framework_versions_and_citation(card):
+    versions = section(card, "### Framework Versions")
+    for line in ["- Python: 3.11.7", "- minilm-jax: 0.1.0", "- JAX: 0.10.2", "- Flax: 0.12.1",
+                 "- Optax: 0.2.8", "- Tokenizers: 0.23.3", "- Datasets: 5.2.0"]:
+        assert line in versions
+    citation = section(card, "## Citation")
+    assert "@inproceedings{reimers-2019-sentence-bert," in citation
+    assert "Reimers, Nils and Gurevych, Iryna" in citation
+
+
+def test_run_without_evaluation():
+    run = realistic_run()
+    run["eval_dataset"] = None
+    run["final_eval"] = None
+    run["log"] = [{**row, "spearman_cosine": None} for row in run["log"]]
+    card = render_model_card(run)
+    assert "## Evaluation" not in card
+    assert "### Evaluation Dataset" not in card
+    assert "model-index:" not in front_matter(card) and "metrics:" not in front_matter(card)
+    [table] = tables(section(card, "### Training Logs"))
+    assert table["header"] == ["Epoch", "Step", "Training Loss"]
+    assert "**" not in section(card, "### Training Logs")
+    yaml = pytest.importorskip("yaml")
+    assert yaml.safe_load(front_matter(card))["pipeline_tag"] == "sentence-similarity"
+
+
+def test_long_logs_are_collapsed():
+    run = realistic_run()
+    run["log"] = [{"epoch": i / 200, "step": i, "loss": 0.2, "spearman_cosine": None} for i in range(200)]
+    logs = section(render_model_card(run), "### Training Logs")
+    assert logs.lstrip().startswith("<details>") and "</details>" in logs
+
+
+def test_rendering_leaves_the_run_alone():
+    run = realistic_run()
+    before = copy.deepcopy(run)
+    assert render_model_card(run) == render_model_card(run)
+    assert run == before
+
+
+# ----------------------------------------------------------------------------- plot
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def metrics_records(n_steps: int = 300, eval_every: int = 100) -> list[dict]:
+    records = []
+    for step in range(10, n_steps + 1, 10):
+        record = {"step": step, "epoch": step / n_steps, "loss": 0.2 * 0.995 ** step + 0.05,
+                  "learning_rate": 5e-5 * (1 - step / n_steps), "pairs_per_second": 33.0}
+        if step % eval_every == 0:
+            record.update(eval_pearson_cosine=0.60 + step / 3000, eval_spearman_cosine=0.62 + step / 3000)
+        records.append(record)
+    return records
+
+
+def assert_png(path) -> None:
+    with open(path, "rb") as f:
+        assert f.read(8) == PNG_SIGNATURE
+    assert os.path.getsize(path) > 1000
+    leftovers = [name for name in os.listdir(os.path.dirname(path)) if name != os.path.basename(path)]
+    assert leftovers == []
+
+
+@pytest.mark.parametrize("records", [
+    pytest.param(metrics_records(), id="with-eval"),
+    pytest.param([{k: v for k, v in r.items() if not k.startswith("eval_")} for r in metrics_records()],
+                 id="no-eval"),
+    pytest.param(metrics_records()[:1], id="single-record"),
+    pytest.param([], id="no-records"),
+])
+def test_plot_training_writes_a_png(tmp_path, records):
+    path = tmp_path / "training.png"
+    plot_training(records, str(path))
+    assert_png(path)
+
+
+def test_plot_training_replaces_an_existing_image(tmp_path):
+    path = tmp_path / "training.png"
+    path.write_bytes(b"old")
+    plot_training(metrics_records(), str(path))
+    assert_png(path)
+
+
+def test_plot_training_failure_leaves_no_temp_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    def fail_halfway(self, f, **kwargs):
+        f.write(PNG_SIGNATURE)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", fail_halfway)
+    path = tmp_path / "training.png"
+    path.write_bytes(b"old image")
+    with pytest.raises(OSError, match="disk full"):
+        plot_training(metrics_records(), str(path))
+    assert os.listdir(tmp_path) == ["training.png"]
+    assert path.read_bytes() == b"old image"  # the previous image survives a failed write
