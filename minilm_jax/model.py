@@ -27,8 +27,15 @@ def _layer_norm(config: BertConfig, name: str) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=config.layer_norm_eps, use_fast_variance=False, dtype=jnp.float32, name=name)
 
 
+def _precision(dtype: Any) -> jax.lax.Precision:
+    # float32 means float32: on GPU/TPU the default would round matmul inputs to TF32/bfloat16 and
+    # lose parity with sentence-transformers. bfloat16 is the explicit fast path.
+    return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else jax.lax.Precision.DEFAULT
+
+
 def _dense(features: int, dtype: Any, name: str) -> nn.Dense:
-    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_init, name=name)
+    return nn.Dense(features, dtype=dtype, param_dtype=jnp.float32, kernel_init=_init, precision=_precision(dtype),
+                    name=name)
 
 
 class Embeddings(nn.Module):
@@ -61,11 +68,13 @@ class SelfAttention(nn.Module):
             return _dense(c.hidden_size, self.dtype, name)(x_BxLxD).reshape(B, L, H, K)
 
         q_BxLxHxK, k_BxLxHxK, v_BxLxHxK = heads("query"), heads("key"), heads("value")
-        scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32)
+        scores_BxHxLxL = jnp.einsum("bqhk,bshk->bhqs", q_BxLxHxK, k_BxLxHxK, preferred_element_type=jnp.float32,
+                                    precision=_precision(self.dtype))
         scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + bias_Bx1xLxL
         probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
         probs_BxHxLxL = nn.Dropout(c.attention_probs_dropout_prob)(probs_BxHxLxL, deterministic=deterministic)
-        context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL.astype(self.dtype), v_BxLxHxK)
+        context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL.astype(self.dtype), v_BxLxHxK,
+                                     precision=_precision(self.dtype))
         context_BxLxD = context_BxLxHxK.reshape(B, L, H * K)
         out_BxLxD = _dense(c.hidden_size, self.dtype, "output")(context_BxLxD).astype(jnp.float32)
         return nn.Dropout(c.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)

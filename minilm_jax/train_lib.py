@@ -164,7 +164,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
     loss, grads = jax.value_and_grad(loss_fn)(state.params)
     if axis_name:
         loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
