@@ -24,6 +24,7 @@ from minilm_jax.tokenizer import bucket_length, bucket_lengths, check_sentences,
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 _IN_FLIGHT = 2  # batches dispatched ahead of the one being copied back to the host
+_CHUNK = 8192  # sentences tokenised at a time: encode's memory is bounded by this, not by the input
 
 
 def default_model_path() -> str:
@@ -101,26 +102,39 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if not items:
         return out
     embed = _embed_fn(model.config, dtype, bool(normalize))
-    token_ids = model.tokenizer.token_ids(items)
-    order = np.argsort([-len(t) for t in token_ids], kind="stable")
+    # Two passes, so that memory is bounded by _CHUNK and not by len(items): token counts first (to
+    # sort by length over the whole input), then the ids of _CHUNK sorted sentences at a time. The
+    # batches are the same as tokenising everything at once would give.
+    lengths = np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK])
+                              for i in range(0, len(items), _CHUNK)])
+    order = np.argsort(-lengths, kind="stable")
     buckets = bucket_lengths(model.sentence.max_seq_length)
-    starts = range(0, len(order), batch_size)
+    chunk = max(1, _CHUNK // batch_size) * batch_size  # whole batches per chunk
+    bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
 
-        starts = tqdm(starts, desc="Batches", total=len(starts))
+        bar = tqdm(desc="Batches", total=-(-len(order) // batch_size))
     pending = collections.deque()
-    for start in starts:
-        idx = order[start:start + batch_size]
-        rows = [token_ids[i] for i in idx]
-        ids, mask = pad_batch(rows, bucket_length(len(rows[0]), buckets), _rows_bucket(len(rows), batch_size),
-                              model.tokenizer.pad_id)
-        pending.append((idx, embed(model.params, ids, mask)))  # dispatched asynchronously
-        if len(pending) > _IN_FLIGHT:
-            done_idx, emb = pending.popleft()
-            out[done_idx] = np.asarray(emb)[: len(done_idx)]
+    for chunk_start in range(0, len(order), chunk):
+        chunk_idx = order[chunk_start:chunk_start + chunk]
+        token_ids = model.tokenizer.token_ids([items[i] for i in chunk_idx])
+        for start in range(0, len(chunk_idx), batch_size):
+            idx = chunk_idx[start:start + batch_size]
+            rows = token_ids[start:start + batch_size]
+            ids, mask = pad_batch(rows, bucket_length(len(rows[0]), buckets), _rows_bucket(len(rows), batch_size),
+                                  model.tokenizer.pad_id)
+            pending.append((idx, embed(model.params, ids, mask)))  # dispatched asynchronously
+            if len(pending) > _IN_FLIGHT:
+                done_idx, emb = pending.popleft()
+                out[done_idx] = np.asarray(emb)[: len(done_idx)]
+            if bar is not None:
+                bar.update(1)
+        del token_ids
     for done_idx, emb in pending:
         out[done_idx] = np.asarray(emb)[: len(done_idx)]
+    if bar is not None:
+        bar.close()
     return out[0] if single else out
 
 

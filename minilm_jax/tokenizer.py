@@ -74,6 +74,11 @@ class Tokenizer:
         encodings = self.backend.encode_batch(list(sentences), add_special_tokens=True)
         return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
 
+    def token_lengths(self, sentences: Sequence[str]) -> np.ndarray:
+        """The number of token ids `token_ids` gives for each sentence, as an int64 array."""
+        encodings = self.backend.encode_batch(list(sentences), add_special_tokens=True)
+        return np.fromiter((len(e) for e in encodings), dtype=np.int64, count=len(encodings))
+
 
 def _wordpiece_from_vocab(folder: str, vocab: str) -> tokenizers.Tokenizer:
     """Older checkpoints ship only vocab.txt: build the same BERT WordPiece pipeline from it."""

@@ -272,7 +272,27 @@ def write_text_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def check_run_config(folder: Path, cfg: TrainConfig) -> None:
+def check_output_dir(folder: Path) -> None:
+    """Refuse, before anything is written, an --output-dir that is a file or a non-empty folder that
+    holds no train.py run (a model folder, someone's notes): resuming is for runs only."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == folder:
+        raise UserError(f"--output-dir {folder} is a file; choose a folder path")
+    if blocker is not None:
+        raise UserError(f"--output-dir {folder}: {blocker} is a file, not a folder; choose another path")
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} - {".lock"}:
+        return
+    try:
+        previous = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    is_run = isinstance(previous, dict) and {"output_dir", "learning_rate", "batch_size"} <= previous.keys()
+    if not is_run and not (folder / "checkpoints").is_dir():
+        raise UserError(f"--output-dir {folder} is not empty and holds no training run (no train.py config.json); "
+                        "choose a new or empty folder")
+
+
+def check_run_config(folder: Path, cfg: TrainConfig, write: bool = True) -> None:
     """Write the resolved configuration, or check that a resumed run uses the same one."""
     path = folder / "config.json"
     if path.exists():
@@ -287,7 +307,8 @@ def check_run_config(folder: Path, cfg: TrainConfig) -> None:
             if changed:
                 raise UsageError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
                                  "rerun with the same options to resume, or choose another --output-dir")
-    write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    if write:
+        write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:
@@ -370,25 +391,34 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     Returns the final evaluation metrics (empty without eval data)."""
     cfg.validate()
     out = Path(cfg.output_dir).absolute()
+    # Everything that can be wrong with the options, the model or the data fails here, before
+    # OUTPUT is created or touched: a failed start leaves no folder behind.
+    check_output_dir(out)
+    n_global = jax.device_count()
+    if cfg.batch_size % n_global:
+        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the {n_global} devices; "
+                         f"use a multiple of {n_global}")
+    if out.is_dir():
+        check_run_config(out, cfg, write=False)
+    model = prepare_model(cfg)
+    run_data = load_run_data(cfg)
     out.mkdir(parents=True, exist_ok=True)
     lock = OutputLock(out)
     try:
-        return _run(cfg, out, progress)
+        return _run(cfg, out, progress, model, run_data)
     finally:
         lock.release()
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool) -> dict:
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) -> dict:
     from minilm_jax.metrics import evaluate_pairs
 
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
-    if cfg.batch_size % n_global:
-        raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the {n_global} devices; "
-                         f"use a multiple of {n_global}")
-    check_run_config(out, cfg)
-    model = prepare_model(cfg)
-    run_data = load_run_data(cfg)
+    check_run_config(out, cfg)  # again, under the lock
+    for stale in out.glob(".*.tmp-*"):  # write_text_atomic's leftovers from a killed run (we hold the lock)
+        if stale.is_file():
+            stale.unlink()
     train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
     per_epoch = data_lib.steps_per_epoch(len(train_tokens), cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
