@@ -404,11 +404,14 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     model = prepare_model(cfg)
     run_data = load_run_data(cfg)
     out.mkdir(parents=True, exist_ok=True)
-    lock = OutputLock(out)
+    # On several hosts sharing one output folder, process 0 owns the folder; the others only
+    # take part in the checkpoints.
+    lock = OutputLock(out) if jax.process_index() == 0 else None
     try:
         return _run(cfg, out, progress, model, run_data)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) -> dict:
@@ -416,10 +419,11 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
 
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
-    check_run_config(out, cfg)  # again, under the lock
-    for stale in out.glob(".*.tmp-*"):  # write_text_atomic's leftovers from a killed run (we hold the lock)
-        if stale.is_file():
-            stale.unlink()
+    if is_main:
+        check_run_config(out, cfg)  # again, under the lock
+        for stale in out.glob(".*.tmp-*"):  # write_text_atomic's leftovers from a killed run (we hold the lock)
+            if stale.is_file():
+                stale.unlink()
     train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
     per_epoch = data_lib.steps_per_epoch(len(train_tokens), cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
