@@ -286,7 +286,7 @@ def st_worker(args) -> None:
     def prepare(batch_size: int) -> dict:
         import contextlib
 
-        torch, np = state["torch"], state["np"]
+        torch = state["torch"]
         from sentence_transformers import losses
         from transformers import get_linear_schedule_with_warmup
 

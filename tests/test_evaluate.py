@@ -9,7 +9,6 @@ import json
 import os
 import warnings
 
-import numpy as np
 import pytest
 
 from conftest import DATA_DIR, REPO_ROOT, assert_user_error, run_cli, run_cli_many
