@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch device; auto: cuda when available (default: %(default)s)")
     p.add_argument("--torch-threads", type=int, default=2,
                    help="torch.set_num_threads on CPU (default: %(default)s, the machine's 2 cores)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="our compiled programs go to (and come from) this persistent cache folder, as train.py's "
+                   "do; default: none, so the compile times shown are cold ones")
     p.add_argument("--affinity", default=None,
                    help="pin both worker processes to these CPUs (e.g. 0, or 0-1); with --torch-threads 1 and one "
                    "CPU it gives a one-core comparison that other processes' load distorts less")
@@ -77,6 +80,10 @@ def ours_worker(args) -> None:
             precision = "highest" if args.dtype == "float32" else None
         if precision and precision != "default":
             jax.config.update("jax_default_matmul_precision", precision)
+        if args.compilation_cache:
+            from minilm_jax.compilation_cache import enable_compilation_cache
+
+            enable_compilation_cache(args.compilation_cache)
         import importlib
 
         import minilm_jax

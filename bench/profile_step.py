@@ -17,6 +17,7 @@ Variants (all on the real weights and real Quora batches of the most common pack
                   non-finite guard as lax.cond: the optimizer fix proposed in bench/RESULTS.md
   jit-bf16        jit, bfloat16 matmuls
   jit-k4          jit, 4 steps per call (lax.scan), time per step
+  jit-noscan      jit of train_lib.train_step itself, no lax.scan of length 1 around it
   fwd             loss only (no gradient), dropout on
   fwd-nodrop      loss only, dropout off
   fwdbwd          value_and_grad, dropout on, no optimizer (returns the gradient norm)
@@ -40,7 +41,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import common  # noqa: E402
 
-ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-noguard", "jit-fast", "jit-fused-opt", "jit-bf16", "jit-k4", "fwd",
+ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-noguard", "jit-fast", "jit-fused-opt", "jit-bf16", "jit-k4", "jit-noscan", "fwd",
        "fwd-nodrop", "fwdbwd", "fwdbwd-nodrop", "opt"]
 SEED = 42
 
@@ -92,7 +93,7 @@ def fused_opt_init(params):
     from minilm_jax import train_lib
 
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.asarray, params),
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),  # a copy: donated
                                 opt_state=(zeros(), zeros()))
 
 
@@ -240,6 +241,10 @@ def main(argv=None) -> int:
         variants["jit-fused-opt"] = stateful(fo, jit_batches, "threefry", lambda: fused_opt_init(model.params))
     if "jit-bf16" in args.variants:
         variants["jit-bf16"] = stateful(jit_steps(dtype="bfloat16"), jit_batches, "threefry")
+    if "jit-noscan" in args.variants:
+        ns = jax.jit(functools.partial(train_lib.train_step, axis_name=None, dtype_name="float32", dropout=True, **kw),
+                     donate_argnums=(0,))
+        variants["jit-noscan"] = stateful(ns, one_batches, "threefry")
     if "jit-k4" in args.variants:
         variants["jit-k4"] = stateful(jit_steps(), k4_batches, "threefry", per_call=4)
     params = jax.device_put(model.params)
