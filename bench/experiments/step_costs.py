@@ -73,9 +73,7 @@ def main():
                            (st, ja, rng)),
         "full step, jit, no lax.scan": (jax.jit(functools.partial(train_lib.train_step, axis_name=None, **kw),
                                                 donate_argnums=0), (st, one, rng)),
-        "full step, jit, 4 steps per call (per step)": (
-            jax.jit(functools.partial(train_lib.train_steps, axis_name=None, **kw), donate_argnums=0),
-            (st, jax.tree.map(lambda x: np.concatenate([x] * 4), ja), rng)),
+
         "full step, jit, no guard, rbg key": (noguard, (st, ja, jax.random.key(0, impl="rbg"))),
         "full step, jit, fused AdamW, cond guard": (
             jax.jit(lambda s, bt, r: jax.lax.scan(lambda c, b: fused_opt_train_step(
@@ -95,9 +93,10 @@ def main():
             if " copy(" in line and "= f32[" in line:
                 dims = line.split("= f32[", 1)[1].split("]", 1)[0]
                 copied += 4 * int(np.prod([int(x) for x in dims.split(",") if x])) if dims else 4
-        k = 4 if "4 steps" in name else 1
-        print(f"| {name:36s} | {ca.get('flops', 0) / 1e9 / k:5.1f} | {ca.get('bytes accessed', 0) / 1e9 / k:11.2f} | "
-              f"{c.memory_analysis().temp_size_in_bytes / 1e6:7.0f} | {text.count(' while('):11d} | {copied / 1e6 / k:9.0f} |")
+        flops, traffic = ca.get("flops", 0) / 1e9, ca.get("bytes accessed", 0) / 1e9
+        print(f"| {name:36s} | {flops:5.1f} | {traffic:11.2f} | "
+              f"{c.memory_analysis().temp_size_in_bytes / 1e6:7.0f} | {text.count(' while('):11d} | "
+              f"{copied / 1e6:9.0f} |")
 
 
 if __name__ == "__main__":
