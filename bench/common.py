@@ -88,6 +88,27 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int):
     return np.random.default_rng([seed, epoch]).permutation(n_pairs)[i * batch_size:(i + 1) * batch_size]
 
 
+def add_run_options(p, torch_group=None) -> None:
+    """The options every side-by-side benchmark shares: torch's device and threads (in `torch_group`
+    when given), our compile cache, CPU pinning, output files and the hidden worker switch."""
+    import argparse
+
+    g = torch_group or p
+    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                   help="torch device; auto: cuda when available (default: %(default)s)")
+    g.add_argument("--torch-threads", type=int, default=2,
+                   help="torch.set_num_threads on CPU (default: %(default)s, the machine's 2 cores)")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="our compiled programs go to (and come from) this persistent cache folder, as train.py's "
+                   "do; default: none, so the compile times shown are cold ones")
+    p.add_argument("--affinity", default=None,
+                   help="pin both worker processes to these CPUs (e.g. 0, or 0-1); with --torch-threads 1 and one "
+                   "CPU it gives a one-core comparison that other processes' load distorts less")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--log", default=None, help="also append the printed report to this file")
+    p.add_argument("--worker", choices=["ours", "st"], help=argparse.SUPPRESS)
+
+
 # ----------------------------------------------------------------------------- machine and versions
 
 def cpu_model() -> str:

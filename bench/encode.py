@@ -52,19 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--st-dtype", choices=["float32", "float16", "bfloat16"], default="float32",
                    help="sentence-transformers under torch.autocast with this dtype; float32: no autocast "
                    "(default: %(default)s)")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="torch device; auto: cuda when available (default: %(default)s)")
-    p.add_argument("--torch-threads", type=int, default=2,
-                   help="torch.set_num_threads on CPU (default: %(default)s, the machine's 2 cores)")
-    p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                   help="our compiled programs go to (and come from) this persistent cache folder, as train.py's "
-                   "do; default: none, so the compile times shown are cold ones")
-    p.add_argument("--affinity", default=None,
-                   help="pin both worker processes to these CPUs (e.g. 0, or 0-1); with --torch-threads 1 and one "
-                   "CPU it gives a one-core comparison that other processes' load distorts less")
-    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    p.add_argument("--log", default=None, help="also append the printed report to this file")
-    p.add_argument("--worker", choices=["ours", "st"], help=argparse.SUPPRESS)
+    common.add_run_options(p)
     return p
 
 

@@ -86,19 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--st-optim", choices=["fused", "foreach"], default="fused",
                    help="AdamW implementation; fused is what transformers' Trainer uses with torch>=2.8 "
                    "(default: %(default)s)")
-    g.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                   help="torch device; auto: cuda when available (default: %(default)s)")
-    g.add_argument("--torch-threads", type=int, default=2,
-                   help="torch.set_num_threads on CPU (default: %(default)s, the machine's 2 cores)")
-    p.add_argument("--compilation-cache", default=None, metavar="DIR",
-                   help="our compiled programs go to (and come from) this persistent cache folder, as train.py's "
-                   "do; default: none, so the compile times shown are cold ones")
-    p.add_argument("--affinity", default=None,
-                   help="pin both worker processes to these CPUs (e.g. 0, or 0-1); with --torch-threads 1 and one "
-                   "CPU it gives a one-core comparison that other processes' load distorts less")
-    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
-    p.add_argument("--log", default=None, help="also append the printed report to this file")
-    p.add_argument("--worker", choices=["ours", "st"], help=argparse.SUPPRESS)
+    common.add_run_options(p, g)
     return p
 
 
