@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Fine-tune all-MiniLM-L6-v2 (or another BERT sentence model) with CosineSimilarityLoss,
-data-parallel over all local devices with jax.pmap. The defaults are the reference recipe.
+data-parallel over all devices with jax.pmap (plain jax.jit on one device). The defaults are the
+reference recipe.
 
     python train.py --train-file ../shared/data/quora_train.tsv --eval-file ../shared/data/quora_dev.tsv \\
         --output-dir runs/quora

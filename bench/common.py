@@ -88,6 +88,21 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int):
     return np.random.default_rng([seed, epoch]).permutation(n_pairs)[i * batch_size:(i + 1) * batch_size]
 
 
+def pmap_one_device(**step_kwargs):
+    """train_lib.train_steps under jax.pmap on one device, as train.py compiled it before it took
+    plain jit on one device: (step_fn, place_state). For the experiments that compare the two."""
+    import functools
+
+    import jax
+    from flax import jax_utils
+
+    from minilm_jax import train_lib
+
+    step_fn = jax.pmap(functools.partial(train_lib.train_steps, **step_kwargs), axis_name=train_lib.AXIS,
+                       in_axes=(0, 0, None), donate_argnums=(0,))
+    return step_fn, lambda state: jax_utils.replicate(state, axis_name=train_lib.AXIS)
+
+
 def add_run_options(p, torch_group=None) -> None:
     """The options every side-by-side benchmark shares: torch's device and threads (in `torch_group`
     when given), our compile cache, CPU pinning, output files and the hidden worker switch."""

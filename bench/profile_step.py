@@ -6,8 +6,9 @@ timed round-robin (every variant once per pass, --passes passes, median), in one
     .venv/bin/python bench/profile_step.py --batch-size 64 --variants pmap jit jit-rbg
 
 Variants (all on the real weights and real Quora batches of the most common packed shape):
-  pmap            train_lib.pmapped_train_steps on 1 device: what train.py runs (the baseline)
-  jit             the same train_steps under plain jax.jit (axis_name=None), state donated
+  pmap            train_steps under jax.pmap on 1 device: what train.py ran before it took plain jit
+  jit             the same train_steps under plain jax.jit (axis_name=None), state donated: what
+                  train.py runs on one device (train_lib.compiled_train_steps)
   jit-nodrop      jit, dropout off
   jit-rbg         jit, dropout masks from a typed 'rbg' key instead of threefry
   jit-unsafe-rbg  jit, 'unsafe_rbg' key
@@ -219,8 +220,8 @@ def main(argv=None) -> int:
         return init, call, per_call
 
     if "pmap" in args.variants:
-        p_fn = train_lib.pmapped_train_steps(**kw, dtype_name="float32", dropout=True)
-        variants["pmap"] = stateful(p_fn, dev_batches, "threefry", lambda: train_lib.replicate(fresh_state()))
+        p_fn, place = common.pmap_one_device(**kw, dtype_name="float32", dropout=True)
+        variants["pmap"] = stateful(p_fn, dev_batches, "threefry", lambda: place(fresh_state()))
     if "jit" in args.variants:
         variants["jit"] = stateful(jit_steps(), jit_batches, "threefry")
     if "jit-nodrop" in args.variants:

@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""Training throughput, side by side: our pmapped train step against a sentence-transformers loop
+"""Training throughput, side by side: our train step against a sentence-transformers loop
 with the same recipe, on the same Quora pairs in the same order.
 
     .venv/bin/python bench/train.py                         # batch 16 (the recipe) and 64, 30 timed steps
     .venv/bin/python bench/train.py --batch-sizes 16 --steps-per-dispatch 16 --steps 32
 
-Ours: train_lib.pmapped_train_steps on one device with the real weights, dropout on, batches from
+Ours: train_lib.compiled_train_steps on one device (plain jit, as train.py runs it) with the real weights, dropout on, batches from
 data.dispatch_groups (sentences packed several to a row) through data.prefetch, and the metrics
 of each dispatch fetched while the next one runs, as train.py's loop does. Before timing, the same
 groups are run once so that every packed shape is compiled; that warm pass is reported apart
@@ -26,7 +26,6 @@ our packed rows x row length, and the model FLOPs those imply (3x the forward pa
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -68,16 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", choices=["auto", "default", "high", "highest"], default="auto",
                    help="jax_default_matmul_precision; auto: 'highest' for float32, unset for bfloat16 "
                    "(a no-op on CPU; the model itself asks for HIGHEST on float32 matmuls) (default: %(default)s)")
-    g.add_argument("--prng", choices=["threefry", "rbg", "unsafe_rbg"], default="threefry",
-                   help="jax_default_prng_impl for the dropout masks (default: %(default)s, JAX's default)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="dropout off on both sides (default: on, 0.1, as the recipe)")
     g.add_argument("--one-shape", action="store_true",
                    help="pad every dispatch to the largest packed shape of the timed steps, so one program is "
                    "compiled (for GPUs, where each compile is slow and the step is overhead-bound)")
-    g.add_argument("--ours-step", choices=["pmap", "jit"], default="pmap",
-                   help="pmap: train_lib.pmapped_train_steps, what train.py runs; jit: an experiment, the same "
-                   "train_lib.train_steps under plain jax.jit on the one device (default: %(default)s)")
+    g.add_argument("--ours-step", choices=["train.py", "pmap"], default="train.py",
+                   help="train.py: train_lib.compiled_train_steps on one device (plain jit), what train.py runs; pmap: "
+                   "an experiment, the same train_steps under jax.pmap on the one device (default: %(default)s)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="pack batches in the loop's own thread instead of train.py's background thread")
     g = p.add_argument_group("sentence-transformers")
@@ -117,8 +114,6 @@ def ours_worker(args) -> None:
         t0 = common.now()
         import jax
 
-        if args.prng != "threefry":
-            jax.config.update("jax_default_prng_impl", args.prng)
         precision = args.precision
         if precision == "auto":
             precision = "highest" if args.dtype == "float32" else None
@@ -148,8 +143,7 @@ def ours_worker(args) -> None:
         dev = jax.devices()[0]
         return {"load_s": load_s, "tokenize_s": tokenize_s, "n_pairs": len(tokens),
                 "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}",
-                "precision": precision or "default",
-                "prng": jax.config.jax_default_prng_impl}
+                "precision": precision or "default"}
 
     def _groups(batch_size: int):
         data_lib = state["data_lib"]
@@ -170,19 +164,13 @@ def ours_worker(args) -> None:
         schedule = train_lib.learning_rate_schedule(cfg, args.steps)
         tx = train_lib.make_optimizer(cfg, schedule)
         state.pop("p_state", None)
-        if args.ours_step == "pmap":  # what train.py runs
-            step_fn = train_lib.pmapped_train_steps(config=model.config, tx=tx, schedule=schedule,
-                                                    dtype_name=args.dtype, dropout=args.dropout)
-            p_state = train_lib.replicate(train_lib.init_state(model.params, tx))
-        else:  # the experiment: the same train_steps under plain jit, no device axis
-            jitted = jax.jit(functools.partial(train_lib.train_steps, config=model.config, tx=tx, schedule=schedule,
-                                               dtype_name=args.dtype, dropout=args.dropout, axis_name=None),
-                             donate_argnums=(0,))
-
-            def step_fn(p_state, arrays, rng):
-                return jitted(p_state, {k: v[0] for k, v in arrays.items()}, rng)
-
-            p_state = train_lib.init_state(jax.tree.map(jax.numpy.array, model.params), tx)
+        kw = dict(config=model.config, tx=tx, schedule=schedule, dtype_name=args.dtype, dropout=args.dropout)
+        if args.ours_step == "train.py":  # one device: plain jit, as train.py compiles it
+            step_fn = train_lib.compiled_train_steps(1, **kw)
+            p_state = train_lib.to_devices(train_lib.init_state(model.params, tx), 1)
+        else:  # the experiment: the same train_steps under pmap on the one device (what train.py ran before)
+            step_fn, place = common.pmap_one_device(**kw)
+            p_state = place(train_lib.init_state(model.params, tx))
         state.update(step_fn=step_fn, rng=jax.random.PRNGKey(SEED), one_shape=None)
         # The work per step, from the packed groups (packing itself is timed here too).
         t0 = common.now()
@@ -410,7 +398,7 @@ def main(argv=None) -> int:
     names = ["ours", "st"] if args.which == "both" else [args.which]
     k = args.steps_per_dispatch
     labels = {"ours": f"minilm_jax ({args.dtype}{', K=' + str(k) if k > 1 else ''}"
-                      f"{', jit' if args.ours_step == 'jit' else ''})",
+                      f"{', pmap on 1 device' if args.ours_step == 'pmap' else ''})",
               "st": f"sentence-transformers ({'fp32' if args.st_amp == 'none' else 'autocast ' + args.st_amp})"}
     worker_argv = [str(Path(__file__).resolve()), *given, "--model", args.model]
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
@@ -452,7 +440,7 @@ def main(argv=None) -> int:
         f"{'on' if args.dropout else 'off'}")
     for name in names:
         s = setups[name]
-        extra = (f", matmul precision {s['precision']}, prng {s['prng']}, tokenising all pairs once: "
+        extra = (f", matmul precision {s['precision']}, tokenising all pairs once: "
                  f"{s['tokenize_s']:.1f} s (not in the steps)") if name == "ours" else ""
         out(f"{labels[name]}: device {s['device']}{extra}, import+load {s['load_s']:.1f} s")
     rows = []

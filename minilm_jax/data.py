@@ -1,4 +1,5 @@
-"""Validated pairs -> shuffled, padded training batches laid out for `jax.pmap`.
+"""Validated pairs -> shuffled, packed training batches laid out per device ([local devices, ...],
+as `jax.pmap` takes them).
 
 The batch of step s is a pure function of (seed, s): the epoch's permutation comes from
 (seed, epoch) and the batch is a slice of it. So a resumed run needs no saved data position
@@ -76,7 +77,10 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int) -> np.nda
 
 
 PACK_LENGTHS = (64, 128, 256, 512)  # row lengths of packed batches
-ROW_MULTIPLE = 4  # packed row counts are rounded up to this, to bound the number of compiled shapes
+# Packed row counts are rounded up to this. 1 (no rounding) computes 13% fewer tokens than 4 at
+# batch 16 (1.09x the real tokens against 1.26x; a CPU step 10% faster) for 10 compiled shapes
+# over a Quora epoch instead of 5; the persistent compilation cache keeps them across runs.
+ROW_MULTIPLE = 1
 
 
 def pack_sentences(lengths: Sequence[int], row_length: int) -> list[list[int]]:

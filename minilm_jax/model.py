@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from minilm_jax.config import BertConfig
+from minilm_jax.dropout import Dropout
 
 _init = nn.initializers.normal(stddev=0.02)  # BERT's initializer_range, for models trained from scratch
 
@@ -51,7 +52,7 @@ class Embeddings(nn.Module):
         x_BxLxD = word(ids_BxL) + token_type(token_types_BxL)
         x_BxLxD = x_BxLxD + position(positions_BxL)
         x_BxLxD = _layer_norm(c, "layer_norm")(x_BxLxD)
-        return nn.Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(x_BxLxD, deterministic=deterministic)
 
 
 class SelfAttention(nn.Module):
@@ -72,12 +73,12 @@ class SelfAttention(nn.Module):
                                     precision=_precision(self.dtype))
         scores_BxHxLxL = scores_BxHxLxL / jnp.sqrt(jnp.float32(K)) + bias_Bx1xLxL
         probs_BxHxLxL = jax.nn.softmax(scores_BxHxLxL, axis=-1)
-        probs_BxHxLxL = nn.Dropout(c.attention_probs_dropout_prob)(probs_BxHxLxL, deterministic=deterministic)
+        probs_BxHxLxL = Dropout(c.attention_probs_dropout_prob)(probs_BxHxLxL, deterministic=deterministic)
         context_BxLxHxK = jnp.einsum("bhqs,bshk->bqhk", probs_BxHxLxL.astype(self.dtype), v_BxLxHxK,
                                      precision=_precision(self.dtype))
         context_BxLxD = context_BxLxHxK.reshape(B, L, H * K)
         out_BxLxD = _dense(c.hidden_size, self.dtype, "output")(context_BxLxD).astype(jnp.float32)
-        return nn.Dropout(c.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
+        return Dropout(c.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
 
 
 class Layer(nn.Module):
@@ -92,7 +93,7 @@ class Layer(nn.Module):
         h_BxLxF = _dense(c.intermediate_size, self.dtype, "intermediate")(x_BxLxD)
         h_BxLxF = jax.nn.gelu(h_BxLxF, approximate=False)  # erf GELU: Flax's default is the tanh form
         out_BxLxD = _dense(c.hidden_size, self.dtype, "output")(h_BxLxF).astype(jnp.float32)
-        out_BxLxD = nn.Dropout(c.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
+        out_BxLxD = Dropout(c.hidden_dropout_prob)(out_BxLxD, deterministic=deterministic)
         return _layer_norm(c, "output_norm")(out_BxLxD + x_BxLxD)
 
 

@@ -1,4 +1,5 @@
-"""Fine-tuning with CosineSimilarityLoss, data-parallel over all local devices with `jax.pmap`.
+"""Fine-tuning with CosineSimilarityLoss, data-parallel over all devices with `jax.pmap` (plain `jax.jit`
+when there is only one).
 
 Sections, in the order the run goes through them: configuration, optimizer, the pure train
 step, data, checkpoints, the loop, export.
@@ -148,9 +149,9 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
     whose loss or gradient is not finite is reported in the metrics (`finite`) for the host to stop on.
     """
     n_devices = jax.lax.psum(1, axis_name) if axis_name else 1
-    step_rng = jax.random.fold_in(rng, state.step)
-    if axis_name:
-        step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))  # independent dropout per device
+    # Independent dropout per device; a single device (no axis) draws as device 0 of a pmap would.
+    device = jax.lax.axis_index(axis_name) if axis_name else 0
+    step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
     b = batch["labels"].shape[0]
 
     def loss_fn(params):
@@ -185,21 +186,44 @@ def train_steps(state: TrainState, batches: dict, rng: jax.Array, **step_kwargs)
     return jax.lax.scan(body, state, batches)
 
 
-def pmapped_train_steps(**step_kwargs):
-    return jax.pmap(functools.partial(train_steps, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
-                    donate_argnums=(0,))
+def compiled_train_steps(n_devices: int, **step_kwargs):
+    """`train_steps` compiled for `n_devices` devices in all: (state, batches [local devices, steps, ...],
+    rng) -> (state, metrics [local devices, steps]), the state donated and placed by `to_devices`.
+
+    Several devices: jax.pmap over AXIS, gradients averaged with pmean. One device: plain jax.jit
+    of the same function, which is the same maths without pmap's copies (16-19% of a CPU step at
+    batch 16, bench/RESULTS.md). The device axis of batches and metrics is kept either way, so the
+    loop around it does not care which it got.
+    """
+    if n_devices > 1:
+        return jax.pmap(functools.partial(train_steps, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
+                        donate_argnums=(0,))
+
+    def one_device(state, batches, rng):
+        state, metrics = train_steps(state, jax.tree.map(lambda x: x[0], batches), rng, axis_name=None,
+                                     **step_kwargs)
+        return state, jax.tree.map(lambda x: x[None], metrics)
+
+    return jax.jit(one_device, donate_argnums=(0,))
 
 
-def replicate(tree):
-    from flax import jax_utils
+def to_devices(tree, n_devices: int):
+    """Place `tree` for compiled_train_steps: replicated over the local devices for pmap, or a
+    private copy on the one device (the step donates it, and `tree` may be a loaded model's)."""
+    if n_devices > 1:
+        from flax import jax_utils
 
-    return jax_utils.replicate(tree, axis_name=AXIS)
+        return jax_utils.replicate(tree, axis_name=AXIS)
+    return jax.tree.map(jnp.array, tree)
 
 
-def unreplicate(tree):
-    from flax import jax_utils
+def from_devices(tree, n_devices: int):
+    """Host (numpy) copy of a tree placed by `to_devices`: device 0's replica when replicated."""
+    if n_devices > 1:
+        from flax import jax_utils
 
-    return jax.device_get(jax_utils.unreplicate(tree))
+        tree = jax_utils.unreplicate(tree)
+    return jax.device_get(tree)
 
 
 # ----------------------------------------------------------------------------- data
@@ -440,10 +464,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
     if is_main:
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
-    step_fn = pmapped_train_steps(config=model.config, tx=tx, schedule=schedule, dtype_name=cfg.dtype,
-                                  dropout=cfg.dropout)
+    step_fn = compiled_train_steps(n_global, config=model.config, tx=tx, schedule=schedule, dtype_name=cfg.dtype,
+                                   dropout=cfg.dropout)
     rng = jax.random.PRNGKey(cfg.seed)
-    p_state = replicate(state)
+    p_state = to_devices(state, n_global)
     del state
 
     def evaluate(params) -> dict:
@@ -489,10 +513,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
                 pending = None
                 log.pause()
                 if crosses(first, n, cfg.eval_every) or epoch_end:
-                    last_eval = {end: evaluate(unreplicate(p_state.params))}
+                    last_eval = {end: evaluate(from_devices(p_state.params, n_global))}
                     log.eval(end, end / per_epoch, last_eval[end])
                 if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
-                    checkpoints.save(unreplicate(p_state))
+                    checkpoints.save(from_devices(p_state, n_global))
                 log.resume()
         if pending is not None:
             settle(pending)
@@ -500,7 +524,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
     finally:
         log.close()
         checkpoints.wait()
-    final_params = unreplicate(p_state.params)
+    final_params = from_devices(p_state.params, n_global)
     final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
     if is_main:
         _export(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,

@@ -53,8 +53,9 @@ def ours(model_path, quora):
     assert total_steps == RECIPE_TOTAL_STEPS
     schedule = train_lib.learning_rate_schedule(cfg, total_steps)
     tx = train_lib.make_optimizer(cfg, schedule)
-    state = train_lib.replicate(train_lib.init_state(model.params, tx))
-    step_fn = train_lib.pmapped_train_steps(config=model.config, tx=tx, schedule=schedule, dropout=False)
+    n_devices = jax.device_count()  # 1 here: the single-device (jit) path that train.py takes on one device
+    state = train_lib.to_devices(train_lib.init_state(model.params, tx), n_devices)
+    step_fn = train_lib.compiled_train_steps(n_devices, config=model.config, tx=tx, schedule=schedule, dropout=False)
     layout = data_lib.BatchLayout(BATCH, 1, 1, 0)
     rng = jax.random.PRNGKey(SEED)
     out = {"loss": [], "learning_rate": [], "grad_norm": [], "finite": []}
@@ -65,8 +66,8 @@ def ours(model_path, quora):
         host = jax.device_get(metrics)
         for key in out:
             out[key] += [host[key][0, k] for k in range(n)]
-    assert int(train_lib.unreplicate(state.step)) == N_STEPS
-    final = to_torch_state({"encoder": train_lib.unreplicate(state.params), "pooler": model.pooler}, model.config)
+    assert int(train_lib.from_devices(state.step, n_devices)) == N_STEPS
+    final = to_torch_state({"encoder": train_lib.from_devices(state.params, n_devices), "pooler": model.pooler}, model.config)
     return {**{k: np.asarray(v) for k, v in out.items()}, "weights": final}
 
 

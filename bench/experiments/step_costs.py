@@ -62,14 +62,15 @@ def main():
 
     noguard = jax.jit(lambda s, bt, r: jax.lax.scan(lambda c, b: noguard_train_step(c, b, r, **kw), s, bt),
                       donate_argnums=0)
+    pmap_fn, place = common.pmap_one_device(**kw)
     cases = {
         "forward, dropout on": (jax.jit(functools.partial(loss_of, dropout=True)), (params, one, rng)),
         "forward, dropout off": (jax.jit(functools.partial(loss_of, dropout=False)), (params, one, rng)),
         "forward+backward, dropout on": (jax.jit(functools.partial(vg, dropout=True)), (params, one, rng)),
         "forward+backward, dropout off": (jax.jit(functools.partial(vg, dropout=False)), (params, one, rng)),
         "optimizer only (clip+adamw)": (jax.jit(opt_step, donate_argnums=0), (st, grads)),
-        "full step, pmap (train.py)": (train_lib.pmapped_train_steps(**kw), (train_lib.replicate(st), arrays, rng)),
-        "full step, jit": (jax.jit(functools.partial(train_lib.train_steps, axis_name=None, **kw), donate_argnums=0),
+        "full step, pmap on 1 device": (pmap_fn, (place(st), arrays, rng)),
+        "full step, jit (train.py)": (jax.jit(functools.partial(train_lib.train_steps, axis_name=None, **kw), donate_argnums=0),
                            (st, ja, rng)),
         "full step, jit, no lax.scan": (jax.jit(functools.partial(train_lib.train_step, axis_name=None, **kw),
                                                 donate_argnums=0), (st, one, rng)),
