@@ -86,8 +86,9 @@ def ours_worker(args) -> None:
         jax.block_until_ready(state["model"].params)
         dev = jax.devices()[0]
         device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}"
+        cap = encode_lib._CPU_ROWS_PER_CALL if jax.default_backend() == "cpu" else None
         return {"load_s": common.now() - t0, "device": device,
-                "precision": precision or "default"}
+                "precision": precision or "default", "rows_per_call": cap}
 
     def _encode(batch_size: int):
         enc = state["encode"]
@@ -282,7 +283,12 @@ def main(argv=None) -> int:
     out(f"data: {args.n} distinct sentences from {data_file.name}, {args.passes} steady passes per row (median); "
         f"model {args.model}")
     for name in names:
-        extra = f", matmul precision {setups[name]['precision']}" if name == "ours" else ""
+        extra = ""
+        if name == "ours":
+            extra = f", matmul precision {setups[name]['precision']}"
+            if setups[name].get("rows_per_call"):
+                extra += (f", device calls of at most {setups[name]['rows_per_call']} sentences (encode's CPU cap; "
+                          "a larger batch is cut into such calls)")
         out(f"{labels[name]}: device {setups[name]['device']}{extra}, import+load {setups[name]['load_s']:.1f} s")
     rows = []
     for bs in args.batch_sizes:
