@@ -29,10 +29,11 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # +25-33% sentences/s there (bench/RESULTS.md), and harmless on GPU/TPU.
 _WORKERS = 2
 _IN_FLIGHT = 2 * _WORKERS  # batches submitted ahead of the one being copied into the output
-# On CPU a device call holds at most this many sentences, whatever batch_size asks for: with two
-# calls side by side, 32-row calls ran 2000 Quora questions at 646 sentences/s against 602 for 16
-# rows, 604 for 64 and 455 for 128 (less padding, better overlap). Results are the same to float32
-# rounding. GPUs and TPUs take batch_size as given.
+# On CPU a device call holds at most this many sentences, whatever batch_size asks for. With two
+# calls side by side, 2,000 Quora questions in calls of 128 ran 20-25% slower than in calls of 16
+# or 32 (less padding, better overlap), and 64 sat in between; 16 and 32 were within each other's
+# spread (bench/experiments/encode_rows_per_call.py). Results are the same to float32 rounding.
+# GPUs and TPUs take batch_size as given.
 _CPU_ROWS_PER_CALL = 32
 _CHUNK = 8192  # sentences tokenised at a time: encode's memory is bounded by this, not by the input
 

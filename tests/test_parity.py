@@ -150,6 +150,21 @@ def test_order_and_batch_size_do_not_change_embeddings(sentences, jax_model, jax
     np.testing.assert_allclose(again, jax_embeddings[picked], rtol=0, atol=1e-6)
 
 
+def test_device_calls_of_any_size_give_the_same_embeddings(sentences, jax_model, jax_embeddings, monkeypatch):
+    """On CPU encode cuts batches into device calls of at most 32 sentences; GPUs and TPUs take
+    batch_size as given. Both ways (and calls of 5) give the same embeddings."""
+    import importlib
+
+    import minilm_jax
+
+    encode_module = importlib.import_module("minilm_jax.encode")
+    picked = list(range(0, len(sentences), 5))
+    for cap in (5, 10**6):
+        monkeypatch.setattr(encode_module, "_CPU_ROWS_PER_CALL", cap)
+        again = minilm_jax.encode([sentences[i] for i in picked], jax_model, batch_size=128)
+        np.testing.assert_allclose(again, jax_embeddings[picked], rtol=0, atol=1e-6, err_msg=f"calls of {cap}")
+
+
 def test_single_string_gives_vector(jax_model, st_model):
     import minilm_jax
 
