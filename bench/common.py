@@ -88,6 +88,36 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int):
     return np.random.default_rng([seed, epoch]).permutation(n_pairs)[i * batch_size:(i + 1) * batch_size]
 
 
+def configure_ours(args) -> str | None:
+    """Our worker's JAX settings before anything compiles: the matmul precision (--precision; auto:
+    'highest' for float32, unset for bfloat16) and the optional compilation cache. Returns the
+    precision set, None when JAX's default is kept."""
+    import jax
+
+    precision = args.precision
+    if precision == "auto":
+        precision = "highest" if args.dtype == "float32" else None
+    if precision and precision != "default":
+        jax.config.update("jax_default_matmul_precision", precision)
+    if args.compilation_cache:
+        from minilm_jax.compilation_cache import enable_compilation_cache
+
+        enable_compilation_cache(args.compilation_cache)
+    return precision
+
+
+def ours_memory_stats() -> dict:
+    """Peak RSS, and the device's peak memory where it reports one (CPU devices may not)."""
+    import jax
+
+    gpu = None
+    try:
+        gpu = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
+    except Exception:  # noqa: BLE001 - any backend without memory stats
+        pass
+    return {"peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": gpu / 2**20 if gpu else None}
+
+
 def quora_step_setup(n_pairs: int = 4000, batch_size: int = 16, total_steps: int = 1000):
     """For the step experiments: (model, tokenised first n_pairs of quora_train.tsv, schedule,
     optimizer) with the recipe's settings, as train.py would build them."""

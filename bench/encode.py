@@ -65,15 +65,7 @@ def ours_worker(args) -> None:
         t0 = common.now()
         import jax
 
-        precision = args.precision
-        if precision == "auto":
-            precision = "highest" if args.dtype == "float32" else None
-        if precision and precision != "default":
-            jax.config.update("jax_default_matmul_precision", precision)
-        if args.compilation_cache:
-            from minilm_jax.compilation_cache import enable_compilation_cache
-
-            enable_compilation_cache(args.compilation_cache)
+        precision = common.configure_ours(args)
         import importlib
 
         import minilm_jax
@@ -116,18 +108,7 @@ def ours_worker(args) -> None:
         np.save(path, state["last"])
         return {}
 
-    def stats() -> dict:
-        import jax
-
-        gpu = None
-        try:
-            ms = jax.devices()[0].memory_stats() or {}
-            gpu = ms.get("peak_bytes_in_use")
-        except Exception:  # CPU devices may not report memory stats
-            pass
-        return {"peak_rss_mib": common.peak_rss_mib(), "gpu_peak_mib": gpu / 2**20 if gpu else None}
-
-    common.serve({"setup": setup, "warm": warm, "run": run, "save": save, "stats": stats})
+    common.serve({"setup": setup, "warm": warm, "run": run, "save": save, "stats": common.ours_memory_stats})
 
 
 def st_worker(args) -> None:

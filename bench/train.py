@@ -114,15 +114,7 @@ def ours_worker(args) -> None:
         t0 = common.now()
         import jax
 
-        precision = args.precision
-        if precision == "auto":
-            precision = "highest" if args.dtype == "float32" else None
-        if precision and precision != "default":
-            jax.config.update("jax_default_matmul_precision", precision)
-        if args.compilation_cache:
-            from minilm_jax.compilation_cache import enable_compilation_cache
-
-            enable_compilation_cache(args.compilation_cache)
+        precision = common.configure_ours(args)
         import numpy as np
 
         import minilm_jax
@@ -235,16 +227,7 @@ def ours_worker(args) -> None:
         return {"seconds": seconds, "loss": float(np.mean(np.concatenate([np.reshape(x, -1) for x in losses]))),
                 "finite": finite}
 
-    def stats() -> dict:
-        jax = state["jax"]
-        gpu = None
-        try:
-            gpu = (jax.devices()[0].memory_stats() or {}).get("peak_bytes_in_use")
-        except Exception:  # CPU devices may not report memory stats
-            pass
-        return {"peak_rss_mib": common.peak_rss_mib(), "gpu_peak_mib": gpu / 2**20 if gpu else None}
-
-    common.serve({"setup": setup, "prepare": prepare, "run": run, "stats": stats})
+    common.serve({"setup": setup, "prepare": prepare, "run": run, "stats": common.ours_memory_stats})
 
 
 # ----------------------------------------------------------------------------- sentence-transformers

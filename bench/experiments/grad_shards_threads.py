@@ -9,17 +9,12 @@ import time, functools, collections
 from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[2]), str(Path(__file__).resolve().parents[1])]
 import jax, jax.numpy as jnp, numpy as np, optax
-import common, minilm_jax
+import common
 from minilm_jax import data as D, train_lib as T
-from minilm_jax.pairs import Pairs
 from minilm_jax.embedding import packed_sentence_embeddings
 from minilm_jax.losses import cosine_mse_terms
-model = minilm_jax.load(common.default_model_path())
-s1, s2, sc = common.read_pairs_tsv(common.default_data_dir() / "quora_train.tsv")
-tokens = D.tokenize_pairs(Pairs(s1[:4000], s2[:4000], np.asarray(sc[:4000], np.float64)), model.tokenizer)
 steps, bs = 24, 16
-cfg = T.TrainConfig(batch_size=bs, max_steps=steps)
-sched = T.learning_rate_schedule(cfg, steps); tx = T.make_optimizer(cfg, sched)
+model, tokens, sched, tx = common.quora_step_setup(batch_size=bs, total_steps=steps)
 kw = dict(config=model.config, tx=tx, schedule=sched, dtype_name="float32", dropout=True)
 rng = jax.random.PRNGKey(42)
 # A: one jit step
