@@ -12,18 +12,16 @@ Variants (all on the real weights and real Quora batches of the most common pack
   jit-nodrop      jit, dropout off
   jit-rbg         jit, dropout masks from a typed 'rbg' key instead of threefry
   jit-unsafe-rbg  jit, 'unsafe_rbg' key
-  jit-noguard     jit, without the non-finite guard (jnp.where over params and optimizer state)
-  jit-fast        jit + no guard + 'rbg' key
-  jit-fused-opt   jit + a hand-fused clip+AdamW (one elementwise expression per parameter) with the
-                  non-finite guard as lax.cond: the optimizer fix proposed in bench/RESULTS.md
   jit-bf16        jit, bfloat16 matmuls
   jit-k4          jit, 4 steps per call (lax.scan), time per step
   jit-noscan      jit of train_lib.train_step itself, no lax.scan of length 1 around it
   fwd             loss only (no gradient), dropout on
   fwd-nodrop      loss only, dropout off
-  fwdbwd          value_and_grad, dropout on, no optimizer (returns the gradient norm)
-  fwdbwd-nodrop   value_and_grad, dropout off
-  opt             clip + AdamW update + apply alone, on a fixed gradient, state donated
+  fwdbwd          train_lib.loss_and_grads (the table's gradient row-sparse), dropout on, no
+                  optimizer (returns the gradient norm)
+  fwdbwd-nodrop   the same, dropout off
+  opt             clip + AdamW (optimizer.AdamW.apply) alone, on a fixed gradient whose table part
+                  has the rows of the first batch, state donated
 Wall time and process CPU time are both reported per step: on a shared machine the CPU time is
 the steadier figure (2 cores: CPU ms ~ 2x wall ms when both cores are busy).
 """
@@ -42,8 +40,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).res
 
 import common  # noqa: E402
 
-ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-noguard", "jit-fast", "jit-fused-opt", "jit-bf16",
-       "jit-k4", "jit-noscan", "fwd",
+ALL = ["pmap", "jit", "jit-nodrop", "jit-rbg", "jit-unsafe-rbg", "jit-bf16", "jit-k4", "jit-noscan", "fwd",
        "fwd-nodrop", "fwdbwd", "fwdbwd-nodrop", "opt"]
 SEED = 42
 
@@ -61,89 +58,6 @@ def build_parser():
     p.add_argument("--affinity", default=None, help="run on these CPUs only (e.g. 0): steadier on a shared machine")
     p.add_argument("--log", default=None, help="also append the printed report to this file")
     return p
-
-
-def noguard_train_step(state, batch, rng, *, config, tx, schedule, dtype_name="float32", dropout=True):
-    """train_lib.train_step (axis_name=None) without the jnp.where(finite, new, old) guard."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from minilm_jax import train_lib
-    from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
-    from minilm_jax.losses import cosine_mse_terms
-
-    step_rng = jax.random.fold_in(rng, state.step)
-    b = batch["labels"].shape[0]
-
-    def loss_fn(params):
-        emb = packed_sentence_embeddings(params, batch, 2 * b, config=config, dtype=compute_dtype(dtype_name),
-                                         dropout_rng=step_rng if dropout else None)
-        return jnp.sum(cosine_mse_terms(emb[:b], emb[b:], batch["labels"], batch["weights"])) / batch["count"]
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new_state = train_lib.TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
-
-
-def fused_opt_init(params):
-    import jax
-    import jax.numpy as jnp
-
-    from minilm_jax import train_lib
-
-    zeros = lambda: jax.tree.map(jnp.zeros_like, params)  # noqa: E731
-    # jnp.array copies: the state is donated, and the caller's params must survive it
-    return train_lib.TrainState(step=jnp.zeros((), jnp.int32), params=jax.tree.map(jnp.array, params),
-                                opt_state=(zeros(), zeros()))
-
-
-def fused_opt_train_step(state, batch, rng, *, config, schedule, dtype_name="float32", dropout=True,
-                         max_grad_norm=1.0, b1=0.9, b2=0.999, eps=1e-8):
-    """train_lib.train_step (one device) with clip_by_global_norm + adamw(weight_decay=0) written as one
-    elementwise expression per parameter, and the non-finite guard as lax.cond (the update is skipped,
-    not computed and then discarded with jnp.where). Same math as optax's chain."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from minilm_jax import train_lib
-    from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
-    from minilm_jax.losses import cosine_mse_terms
-
-    step_rng = jax.random.fold_in(rng, state.step)
-    b = batch["labels"].shape[0]
-
-    def loss_fn(params):
-        emb = packed_sentence_embeddings(params, batch, 2 * b, config=config, dtype=compute_dtype(dtype_name),
-                                         dropout_rng=step_rng if dropout else None)
-        return jnp.sum(cosine_mse_terms(emb[:b], emb[b:], batch["labels"], batch["weights"])) / batch["count"]
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    grad_norm = optax.global_norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    def update(_):
-        scale = jnp.where(grad_norm < max_grad_norm, 1.0, max_grad_norm / grad_norm)
-        t = (state.step + 1).astype(jnp.float32)
-        bc1, bc2, lr = 1 - b1 ** t, 1 - b2 ** t, schedule(state.step)
-
-        def leaf(w, g, m, v):
-            g = g * scale
-            m = b1 * m + (1 - b1) * g
-            v = b2 * v + (1 - b2) * g * g
-            return w - lr * (m / bc1) / (jnp.sqrt(v / bc2) + eps), m, v
-
-        out = jax.tree.map(leaf, state.params, grads, *state.opt_state)
-        pick = lambda i: jax.tree.map(lambda x: x[i], out, is_leaf=lambda x: isinstance(x, tuple))  # noqa: E731
-        return train_lib.TrainState(step=state.step + 1, params=pick(0), opt_state=(pick(1), pick(2)))
-
-    def skip(_):
-        return state.replace(step=state.step + 1)
-
-    return jax.lax.cond(finite, update, skip, None), {"loss": loss, "grad_norm": grad_norm, "finite": finite}
 
 
 def main(argv=None) -> int:
@@ -230,18 +144,6 @@ def main(argv=None) -> int:
         variants["jit-rbg"] = stateful(jit_steps(), jit_batches, "rbg")
     if "jit-unsafe-rbg" in args.variants:
         variants["jit-unsafe-rbg"] = stateful(jit_steps(), jit_batches, "unsafe_rbg")
-    if "jit-noguard" in args.variants:
-        ng = jax.jit(lambda s, bt, r: jax.lax.scan(lambda c, b: noguard_train_step(c, b, r, **kw), s, bt),
-                     donate_argnums=(0,))
-        variants["jit-noguard"] = stateful(ng, jit_batches, "threefry")
-    if "jit-fast" in args.variants:
-        variants["jit-fast"] = stateful(ng if "jit-noguard" in args.variants else jax.jit(
-            lambda s, bt, r: jax.lax.scan(lambda c, b: noguard_train_step(c, b, r, **kw), s, bt),
-            donate_argnums=(0,)), jit_batches, "rbg")
-    if "jit-fused-opt" in args.variants:
-        fo = jax.jit(lambda s, bt, r: jax.lax.scan(
-            lambda c, b: fused_opt_train_step(c, b, r, config=config, schedule=schedule), s, bt), donate_argnums=(0,))
-        variants["jit-fused-opt"] = stateful(fo, jit_batches, "threefry", lambda: fused_opt_init(model.params))
     if "jit-bf16" in args.variants:
         variants["jit-bf16"] = stateful(jit_steps(dtype="bfloat16"), jit_batches, "threefry")
     if "jit-noscan" in args.variants:
@@ -259,19 +161,19 @@ def main(argv=None) -> int:
     for name, dropout in (("fwdbwd", True), ("fwdbwd-nodrop", False)):
         if name in args.variants:
             def vg(p, b, r, dropout=dropout):
-                loss, g = jax.value_and_grad(loss_of)(p, b, r, dropout)
-                return loss, optax.global_norm(g)
+                loss, g = train_lib.loss_and_grads(p, b, r if dropout else None, config=config, axis_name=None)
+                return loss, optax.tree.norm(g)
 
             f = jax.jit(vg)
             variants[name] = (lambda: None, (lambda f: lambda i: f(params, one_batches[i % len(one_batches)],
                                                                    keys["threefry"]))(f), 1)
     if "opt" in args.variants:
-        grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+        _, grads = jax.jit(functools.partial(train_lib.loss_and_grads, config=config, axis_name=None))(
+            params, one_batches[0], None)
 
         def opt_step(state):
-            updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return train_lib.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                                        opt_state=opt_state)
+            new_params, opt_state, _ = tx.apply(grads, state.opt_state, state.params)
+            return train_lib.TrainState(step=state.step + 1, params=new_params, opt_state=opt_state)
 
         f_opt = jax.jit(opt_step, donate_argnums=(0,))
         holder = {}

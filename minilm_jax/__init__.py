@@ -5,7 +5,7 @@
     minilm_jax.similarity(emb, emb)                             # cosine matrix [2, 2]
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from minilm_jax.checkpoint_io import Model  # noqa: E402
 from minilm_jax.encode import encode, load, similarity  # noqa: E402

@@ -29,6 +29,7 @@ from minilm_jax.config import BertConfig
 from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.losses import cosine_mse_terms
+from minilm_jax.optimizer import AdamW, RowSparse, join_table, split_table
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 
 AXIS = "devices"  # the pmap axis name, also given to replicate() so the step compiles once
@@ -117,12 +118,9 @@ def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> optax.GradientTransformation:
-    return optax.chain(
-        optax.clip_by_global_norm(cfg.max_grad_norm),
-        optax.adamw(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
-                    weight_decay=cfg.weight_decay),
-    )
+def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> AdamW:
+    return AdamW(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+                 max_grad_norm=cfg.max_grad_norm)
 
 
 @struct.dataclass
@@ -132,14 +130,14 @@ class TrainState:
     opt_state: Any
 
 
-def init_state(params, tx: optax.GradientTransformation) -> TrainState:
+def init_state(params, tx: AdamW) -> TrainState:
     params = jax.tree.map(jnp.asarray, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
 
 
 # ----------------------------------------------------------------------------- the train step
 
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertConfig, tx, schedule,
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertConfig, tx: AdamW, schedule,
                dtype_name: str = "float32", dropout: bool = True, axis_name: str | None = AXIS):
     """One optimizer step on one device's share of the batch: (state, batch, rng) -> (state, metrics).
 
@@ -148,26 +146,12 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
     (real pairs in the whole global batch). Gradients are averaged over devices with pmean; a step
     whose loss or gradient is not finite is reported in the metrics (`finite`) for the host to stop on.
     """
-    n_devices = jax.lax.psum(1, axis_name) if axis_name else 1
     # Independent dropout per device; a single device (no axis) draws as device 0 of a pmap would.
     device = jax.lax.axis_index(axis_name) if axis_name else 0
     step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    b = batch["labels"].shape[0]
-
-    def loss_fn(params):
-        emb_2bxD = packed_sentence_embeddings(params, batch, 2 * b, config=config, dtype=compute_dtype(dtype_name),
-                                              dropout_rng=step_rng if dropout else None)
-        terms_b = cosine_mse_terms(emb_2bxD[:b], emb_2bxD[b:], batch["labels"], batch["weights"])
-        # This device's share of the global batch mean, scaled so that pmean over devices gives
-        # the mean over all real pairs (also for a short last batch with padding rows).
-        return jnp.sum(terms_b) / batch["count"] * n_devices
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    if axis_name:
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    loss, grads = loss_and_grads(state.params, batch, step_rng if dropout else None, config=config,
+                                 dtype_name=dtype_name, axis_name=axis_name)
+    params, opt_state, grad_norm = tx.apply(grads, state.opt_state, state.params)
     # No in-graph guard against a non-finite step (selecting old or new state costs a third of the
     # optimizer's time on CPU): the host checks every step's metrics before it saves a checkpoint,
     # so a non-finite step stops the run with the last good checkpoint on disk.
@@ -175,6 +159,46 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertCo
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
     metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm, "finite": finite}
     return new_state, metrics
+
+
+def loss_and_grads(params, batch: dict, dropout_rng: jax.Array | None, *, config: BertConfig,
+                   dtype_name: str = "float32", axis_name: str | None = AXIS):
+    """The batch's mean CosineSimilarityLoss and its gradient, averaged over devices. The gradient
+    of the word-embedding table is row-sparse (a RowSparse of the rows the batch uses, see
+    optimizer.py): the encoder runs on a table of only those rows, with the ids renumbered into it.
+    Dropout is on iff a dropout rng is given."""
+    n_devices = jax.lax.psum(1, axis_name) if axis_name else 1
+    b = batch["labels"].shape[0]
+    rows_N, local_ids = batch_rows(batch["ids"], config.vocab_size, axis_name)
+    local_config = dataclasses.replace(config, vocab_size=rows_N.shape[0])
+    local_batch = {**batch, "ids": local_ids}
+    rest, table = split_table(params)
+    local_table = table[jnp.minimum(rows_N, config.vocab_size - 1)]  # padding rows: any row, never read
+
+    def loss_fn(local_params):
+        emb_2bxD = packed_sentence_embeddings(local_params, local_batch, 2 * b, config=local_config,
+                                              dtype=compute_dtype(dtype_name), dropout_rng=dropout_rng)
+        terms_b = cosine_mse_terms(emb_2bxD[:b], emb_2bxD[b:], batch["labels"], batch["weights"])
+        # This device's share of the global batch mean, scaled so that pmean over devices gives
+        # the mean over all real pairs (also for a short last batch with padding rows).
+        return jnp.sum(terms_b) / batch["count"] * n_devices
+
+    loss, grads = jax.value_and_grad(loss_fn)(join_table(rest, local_table))
+    if axis_name:  # every device has the same rows_N, so the table rows' gradients average too
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
+    rest_grads, table_grad = split_table(grads)
+    return loss, join_table(rest_grads, RowSparse(rows_N, table_grad))
+
+
+def batch_rows(ids: jax.Array, vocab_size: int, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
+    """The table rows a step's ids use, over all devices: (rows [N], ids renumbered into rows).
+
+    rows are sorted and distinct, padded with vocab_size to N = the number of ids on all devices, so
+    that shapes are static and every device holds the same rows in the same order.
+    """
+    all_ids = jax.lax.all_gather(ids, axis_name) if axis_name else ids
+    rows_N = jnp.unique(all_ids.reshape(-1), size=all_ids.size, fill_value=vocab_size)
+    return rows_N, jnp.searchsorted(rows_N, ids).astype(ids.dtype)
 
 
 def train_steps(state: TrainState, batches: dict, rng: jax.Array, **step_kwargs):
@@ -375,7 +399,14 @@ class Checkpoints:
 
     def restore(self, like: TrainState) -> TrainState:
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
-        return self.manager.restore(self.manager.latest_step(), args=self._ocp.args.StandardRestore(abstract))
+        step = self.manager.latest_step()
+        try:
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        except ValueError as e:  # orbax: the saved tree is not this TrainState's
+            raise UserError(
+                f"checkpoint {step} in {self.manager.directory} does not hold this version's training state "
+                f"(the optimizer state changed in minilm-jax 0.2; orbax: {str(e).splitlines()[0].rstrip(':')}); resume it "
+                "with the version that wrote it, or start again in a new --output-dir") from e
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

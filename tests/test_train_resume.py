@@ -189,3 +189,35 @@ def test_output_dir_in_use_is_refused(tiny_setup, tmp_path):
     line = assert_user_error(proc, 1, "in use")
     assert str(folder) in line and "pid 12345" in line
     assert not (folder / "checkpoints").exists() and not (folder / "config.json").exists()
+
+
+def test_checkpoint_of_another_layout_is_refused(runs, tiny_setup, tmp_path):
+    """A checkpoint whose optimizer state has another layout (here the one minilm-jax 0.1 wrote:
+    optax.chain(clip_by_global_norm, adamw) over every parameter) stops the run with one clear
+    error, and stays on disk."""
+    import jax
+    import optax
+    import orbax.checkpoint as ocp
+
+    root, args = tiny_setup
+    straight, _, _ = runs
+    folder = tmp_path / "old-layout"
+    shutil.copytree(straight, folder)
+    shutil.rmtree(folder / "model")
+    step = N_STEPS - CHECKPOINT_EVERY
+    saved = ocp.CheckpointManager((folder / "checkpoints").absolute())
+    params = saved.restore(step, args=ocp.args.StandardRestore())["params"]
+    saved.close()
+    shutil.rmtree(folder / "checkpoints")
+    old_optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.0))
+    old_state = {"step": np.int32(step), "params": params, "opt_state": old_optimizer.init(params)}
+    with ocp.CheckpointManager((folder / "checkpoints").absolute()) as manager:
+        manager.save(step, args=ocp.args.StandardSave(jax.tree.map(np.asarray, old_state)))
+        manager.wait_until_finished()
+
+    proc = run(args(folder), tmp_path / "log")
+    line = assert_user_error(proc, 1, f"checkpoint {step}", "does not hold this version's training state",
+                             "new --output-dir")
+    assert str(folder) in line
+    assert finished_checkpoints(folder / "checkpoints") == [step]
+    assert not (folder / "model").exists()

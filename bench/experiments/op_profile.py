@@ -23,12 +23,55 @@ import common  # noqa: E402
 SKIP = ("ThunkExecutor", "$", "SlinkyThreadPool", "PjitFunction")
 
 
+def op_part(hlo: str, name: str) -> str:
+    """Which part of the step an op belongs to, from its HLO metadata: forward or backward and the
+    module (layers merged), or the file (optimizer, loss) it was traced from."""
+    m = re.search(r"%" + re.escape(name) + r" = .*?metadata=\{op_name=\"([^\"]*)\"(?: stack_frame_id=(\d+))?", hlo)
+    if not m:
+        return "?"
+    op_name, frame = m.group(1), m.group(2)
+    pass_ = "backward" if "transpose(" in op_name else "forward"
+    module = re.search(r"BertEncoder\)*/(.*)", op_name)
+    if module:
+        path = re.sub(r"layer_\d+", "layer_*", module.group(1)).rsplit("/", 1)[0]
+        return f"{pass_}: {path}"
+    files = frame_files(hlo, int(frame)) if frame else []
+    if any("optimizer.py" in f or "/optax/" in f for f in files):
+        return "optimizer (clip + AdamW)"
+    mine = [Path(f).name for f in files if "/minilm_jax/" in f]
+    return f"{pass_}: {mine[0] if mine else 'other'}"
+
+
+@functools.lru_cache(maxsize=None)
+def _frame_tables(hlo: str):
+    def table(title):
+        block = hlo.split(f"\n{title}\n", 1)[1].split("\n\n", 1)[0]
+        return {int(line.split(" ", 1)[0]): line.split(" ", 1)[1] for line in block.splitlines() if line.strip()}
+
+    return table("FileNames"), table("FileLocations"), table("StackFrames")
+
+
+def frame_files(hlo: str, frame: int) -> list[str]:
+    """The source files of a stack frame and its parents, innermost first."""
+    names, locations, frames = _frame_tables(hlo)
+    out, seen = [], set()
+    while frame in frames and frame not in seen:
+        seen.add(frame)
+        loc, parent = map(int, re.findall(r"=(\d+)", frames[frame])[:2])
+        file_id = int(re.search(r"file_name_id=(\d+)", locations[loc]).group(1))
+        out.append(names[file_id].strip('"'))
+        frame = parent
+    return out
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--steps", type=int, default=3, help="traced steps (default: %(default)s)")
     p.add_argument("--affinity", default=None)
     p.add_argument("--top", type=int, default=12)
+    p.add_argument("--part", default=None, help="list the ops of this part (a prefix of its name) instead")
+    p.add_argument("--hlo-out", default=None, help="also write the compiled step's HLO text here")
     args = p.parse_args()
     common.offline_env()
     if args.affinity:
@@ -54,6 +97,8 @@ def main():
     state = train_lib.init_state(jax.tree.map(jnp.array, model.params), tx)
     rng = jax.random.PRNGKey(0)
     hlo = step.lower(state, batch, rng).compile().as_text()
+    if args.hlo_out:
+        Path(args.hlo_out).write_text(hlo)
     for _ in range(3):
         state, metrics = step(state, batch, rng)
     jax.block_until_ready(metrics)
@@ -85,9 +130,23 @@ def main():
     for kind, ms in kinds.most_common(args.top):
         print(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% | {counts[kind]} |")
     print()
-    print("| most expensive ops | ms/step | HLO |")
+    by_part = collections.Counter()
+    for name, ms in per_op.items():
+        by_part[op_part(hlo, name)] += ms
+    print("| part of the step (from the op's HLO metadata) | ms/step | share |")
+    print("|---|---:|---:|")
+    for part, ms in by_part.most_common(args.top):
+        print(f"| {part} | {ms:.1f} | {100 * ms / total:.0f}% |")
+    print()
+    print("| most expensive ops" + (f" of {args.part}" if args.part else "") + " | ms/step | HLO |")
     print("|---|---:|---|")
-    for name, ms in per_op.most_common(args.top):
+    top = args.top
+    for name, ms in per_op.most_common():
+        if args.part and not op_part(hlo, name).startswith(args.part):
+            continue
+        top -= 1
+        if top < 0:
+            break
         line = next((x.strip() for x in hlo.splitlines() if re.search(r"%" + re.escape(name) + r" = ", x)), "?")
         print(f"| {name} | {ms:.1f} | `{line.split(', metadata')[0][:110]}` |")
 

@@ -29,7 +29,6 @@ def main():
     from minilm_jax.embedding import packed_sentence_embeddings
     from minilm_jax.losses import cosine_mse_terms
     from minilm_jax.pairs import Pairs
-    from profile_step import fused_opt_init, fused_opt_train_step, noguard_train_step
 
     model = minilm_jax.load(common.default_model_path())
     s1, s2, sc = common.read_pairs_tsv(common.default_data_dir() / "quora_train.tsv")
@@ -50,18 +49,17 @@ def main():
         e = packed_sentence_embeddings(p_, b, 2 * n, config=model.config, dropout_rng=r if dropout else None)
         return jnp.sum(cosine_mse_terms(e[:n], e[n:], b["labels"], b["weights"])) / b["count"]
 
-    def vg(p_, b, r, dropout):
-        loss, g = jax.value_and_grad(loss_of)(p_, b, r, dropout)
-        return loss, optax.global_norm(g)
+    def vg(p_, b, r, dropout):  # the step's gradient: the word-embedding table's row-sparse
+        loss, g = train_lib.loss_and_grads(p_, b, r if dropout else None, config=model.config, axis_name=None)
+        return loss, optax.tree.norm(g)
 
-    grads = jax.tree.map(lambda x: jnp.full_like(x, 1e-3), params)
+    _, grads = jax.jit(functools.partial(train_lib.loss_and_grads, config=model.config, axis_name=None))(
+        params, one, None)
 
     def opt_step(state, g):
-        u, o = tx.update(g, state.opt_state, state.params)
-        return train_lib.TrainState(step=state.step + 1, params=optax.apply_updates(state.params, u), opt_state=o)
+        new_params, opt_state, _ = tx.apply(g, state.opt_state, state.params)
+        return train_lib.TrainState(step=state.step + 1, params=new_params, opt_state=opt_state)
 
-    noguard = jax.jit(lambda s, bt, r: jax.lax.scan(lambda c, b: noguard_train_step(c, b, r, **kw), s, bt),
-                      donate_argnums=0)
     pmap_fn, place = common.pmap_one_device(**kw)
     cases = {
         "forward, dropout on": (jax.jit(functools.partial(loss_of, dropout=True)), (params, one, rng)),
@@ -74,12 +72,6 @@ def main():
                            (st, ja, rng)),
         "full step, jit, no lax.scan": (jax.jit(functools.partial(train_lib.train_step, axis_name=None, **kw),
                                                 donate_argnums=0), (st, one, rng)),
-
-        "full step, jit, no guard, rbg key": (noguard, (st, ja, jax.random.key(0, impl="rbg"))),
-        "full step, jit, fused AdamW, cond guard": (
-            jax.jit(lambda s, bt, r: jax.lax.scan(lambda c, b: fused_opt_train_step(
-                c, b, r, config=model.config, schedule=sched), s, bt), donate_argnums=0),
-            (fused_opt_init(params), ja, rng)),
     }
     print(f"batch {args.batch_size}, packed shape {one['ids'].shape}, {int((one['segments'] > 0).sum())} real tokens")
     print(f"| {'variant':36s} | GFLOP | GB accessed | temp MB | while loops | copies MB |")
