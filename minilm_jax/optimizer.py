@@ -2,9 +2,10 @@
 table gets a row-sparse gradient.
 
 Why row-sparse: a batch of 16 pairs touches a few hundred of the table's 30,522 rows, but a dense
-gradient costs a zero-filled 47 MB table, a scatter into it and Adam passes that read it: about
-35 ms of a ~300 ms CPU step (bench/RESULTS.md). `train_lib.train_step` differentiates with respect
-to the batch's rows only and hands them over as a `RowSparse`.
+gradient costs a zero-filled 47 MB table, a scatter into it and Adam passes that read it: the
+step took 334 ms with it and takes 305 without it on 2 CPU cores (bench/RESULTS.md).
+`train_lib.loss_and_grads` differentiates with respect to the batch's rows only and hands them
+over as a `RowSparse`.
 
 The maths is optax's, to the rounding of a sum: the clip is `optax.clip_by_global_norm` and every
 other parameter goes through `optax.adamw` itself. The table goes through the same AdamW written
