@@ -130,9 +130,10 @@ def main():
     for kind, ms in kinds.most_common(args.top):
         print(f"| {kind} | {ms:.1f} | {100 * ms / total:.0f}% | {counts[kind]} |")
     print()
+    part_of = {name: op_part(hlo, name) for name in per_op}
     by_part = collections.Counter()
     for name, ms in per_op.items():
-        by_part[op_part(hlo, name)] += ms
+        by_part[part_of[name]] += ms
     print("| part of the step (from the op's HLO metadata) | ms/step | share |")
     print("|---|---:|---:|")
     for part, ms in by_part.most_common(args.top):
@@ -142,7 +143,7 @@ def main():
     print("|---|---:|---|")
     top = args.top
     for name, ms in per_op.most_common():
-        if args.part and not op_part(hlo, name).startswith(args.part):
+        if args.part and not part_of[name].startswith(args.part):
             continue
         top -= 1
         if top < 0:

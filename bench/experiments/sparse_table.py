@@ -63,9 +63,13 @@ def main():
     batches = [{k: v[0, 0] for k, v in a.items()} for a in groups if a["ids"].shape == shape][:args.steps]
     rng = jax.random.PRNGKey(0)
     params = jax.tree.map(jnp.array, model.params)
-    states = {"dense table gradient": train_lib.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params),
-                                                           dense_tx.init(params)),
-              "row-sparse (train_lib)": train_lib.init_state(jax.tree.map(jnp.array, params), tx)}
+
+    def fresh_states():  # copies: each step donates its state
+        return {"dense table gradient": train_lib.TrainState(jnp.zeros((), jnp.int32),
+                                                             jax.tree.map(jnp.array, params), dense_tx.init(params)),
+                "row-sparse (train_lib)": train_lib.init_state(jax.tree.map(jnp.array, params), tx)}
+
+    states = fresh_states()
     print(f"machine: {common.machine_line()}; minilm-jax {common.repo_version()}; packed shape {shape[-2:]}, "
           f"{len(batches)} steps per pass")
     losses = collections.defaultdict(list)
@@ -74,10 +78,7 @@ def main():
         s, m = f(states[name], batches[0], rng)
         jax.block_until_ready(m)
         print(f"{name}: compile + 1 step {time.perf_counter() - t:.1f} s")
-    # Same starting point for both, then the same batches in the same order.
-    states = {"dense table gradient": train_lib.TrainState(jnp.zeros((), jnp.int32), jax.tree.map(jnp.array, params),
-                                                           dense_tx.init(params)),
-              "row-sparse (train_lib)": train_lib.init_state(jax.tree.map(jnp.array, params), tx)}
+    states = fresh_states()  # the same starting point for both, then the same batches in the same order
     times = collections.defaultdict(list)
     for _ in range(args.passes):
         for name, f in fns.items():
