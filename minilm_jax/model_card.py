@@ -3,7 +3,7 @@ sentence-transformers' SentenceTransformerTrainer writes (sentence-transformers 
 `model_card_template.md`), so the Hub shows it the way it shows any fine-tuned
 sentence-transformers model: same YAML metadata, same sections, same table formats.
 
-`render_model_card(run)` is a pure function of the run summary that `train_lib.run_summary`
+`render_model_card(run)` is a pure function of the run summary that `run_export.run_summary`
 builds; the keys are documented there by example and in `render_model_card`'s docstring.
 Nothing here reads files or imports sentence-transformers.
 """

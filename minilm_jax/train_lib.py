@@ -8,11 +8,9 @@ step, data, checkpoints, the loop, export.
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import functools
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,13 +22,16 @@ import numpy as np
 import optax
 from flax import struct
 
-from minilm_jax import checkpoint_io, data as data_lib
+from minilm_jax import data as data_lib
 from minilm_jax.config import BertConfig
 from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.losses import cosine_mse_terms
 from minilm_jax.optimizer import AdamW, RowSparse, join_table, split_table
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
+from minilm_jax.run_export import export_run
+from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
+                                   write_text_atomic)
 
 AXIS = "devices"  # the pmap axis name, also given to replicate() so the step compiles once
 
@@ -285,136 +286,6 @@ def load_run_data(cfg: TrainConfig) -> RunData:
     return RunData(train, eval_pairs, train_name, eval_name)
 
 
-# ----------------------------------------------------------------------------- output folder
-
-class OutputLock:
-    """An exclusive lock on the output folder, so two runs never write the same checkpoints.
-    The OS drops it when the process dies, also on kill -9."""
-
-    def __init__(self, folder: Path):
-        self.path = folder / ".lock"
-        self.file = open(self.path, "a+")
-        try:
-            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self.file.seek(0)
-            holder = self.file.read().strip() or "another process"
-            self.file.close()
-            raise UserError(f"{folder} is in use by another train.py ({holder}); wait for it to finish "
-                            "or choose another --output-dir") from None
-        self.file.seek(0)
-        self.file.truncate()
-        self.file.write(f"pid {os.getpid()}")
-        self.file.flush()
-
-    def release(self) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def check_output_dir(folder: Path) -> None:
-    """Refuse, before anything is written, an --output-dir that is a file or a non-empty folder that
-    holds no train.py run (a model folder, someone's notes): resuming is for runs only."""
-    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
-    if blocker == folder:
-        raise UserError(f"--output-dir {folder} is a file; choose a folder path")
-    if blocker is not None:
-        raise UserError(f"--output-dir {folder}: {blocker} is a file, not a folder; choose another path")
-    if not folder.is_dir() or not {p.name for p in folder.iterdir()} - {".lock"}:
-        return
-    try:
-        previous = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        previous = None
-    is_run = isinstance(previous, dict) and {"output_dir", "learning_rate", "batch_size"} <= previous.keys()
-    if not is_run and not (folder / "checkpoints").is_dir():
-        raise UserError(f"--output-dir {folder} is not empty and holds no training run (no train.py config.json); "
-                        "choose a new or empty folder")
-
-
-def check_run_config(folder: Path, cfg: TrainConfig, write: bool = True) -> None:
-    """Write the resolved configuration, or check that a resumed run uses the same one."""
-    path = folder / "config.json"
-    if path.exists():
-        try:
-            previous = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            previous = None
-        if previous is not None:
-            now = json.loads(json.dumps(cfg.resumable_fields()))
-            before = {k: previous.get(k) for k in now}
-            changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
-            if changed:
-                raise UsageError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
-                                 "rerun with the same options to resume, or choose another --output-dir")
-    if write:
-        write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-
-
-def read_metrics(path: Path, up_to_step: int) -> list[dict]:
-    """The metrics.jsonl records of steps <= up_to_step (a resumed run drops what came after its checkpoint)."""
-    if not path.exists():
-        return []
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-            continue
-        if record.get("step", 0) <= up_to_step:
-            records.append(record)
-    return records
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-class Checkpoints:
-    """Orbax checkpoints of the whole TrainState. The data position and the dropout rng are
-    functions of the step, so the state is all a resumed run needs."""
-
-    def __init__(self, folder: Path, keep: int):
-        import orbax.checkpoint as ocp
-
-        self._ocp = ocp
-        self.manager = ocp.CheckpointManager(
-            folder.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, state: TrainState) -> None:
-        step = int(state.step)
-        if step in self.manager.all_steps():
-            return
-        self.manager.save(step, args=self._ocp.args.StandardSave(state))
-
-    def restore(self, like: TrainState) -> TrainState:
-        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
-        step = self.manager.latest_step()
-        try:
-            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        except ValueError as e:  # orbax: the saved tree is not this TrainState's
-            raise UserError(
-                f"checkpoint {step} in {self.manager.directory} does not hold this version's training state "
-                f"(the optimizer state changed in minilm-jax 0.2; orbax: {str(e).splitlines()[0].rstrip(':')}); resume it "
-                "with the version that wrote it, or start again in a new --output-dir") from e
-
-    def wait(self) -> None:
-        self.manager.wait_until_finished()
-
-    def close(self) -> None:
-        self.manager.close()
-
-
 # ----------------------------------------------------------------------------- the loop
 
 class NonFiniteLoss(UserError):
@@ -435,11 +306,6 @@ def prepare_model(cfg: TrainConfig):
         model = model.replace(sentence=dataclasses.replace(model.sentence, max_seq_length=cfg.max_seq_length),
                               tokenizer=Tokenizer(backend, cfg.max_seq_length))
     return model
-
-
-def token_stats(ids: list) -> dict:
-    lengths = np.array([len(x) for x in ids])
-    return {"min": int(lengths.min()), "mean": float(lengths.mean()), "max": int(lengths.max())}
 
 
 def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
@@ -558,7 +424,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
     final_params = from_devices(p_state.params, n_global)
     final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
     if is_main:
-        _export(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
+        export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
                 per_epoch, n_global)
     checkpoints.close()
     return {k.removeprefix("eval_"): v for k, v in final_eval.items()}
@@ -631,67 +497,3 @@ class _Logger:
             self.bar.close()
 
 
-# ----------------------------------------------------------------------------- export
-
-def _export(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: dict, total_steps: int,
-            per_epoch: int, n_devices: int) -> None:
-    from minilm_jax.model_card import render_model_card
-    from minilm_jax.plot import plot_training
-
-    records = read_metrics(out / "metrics.jsonl", total_steps)
-    plot_training(records, str(out / "training.png"))
-    card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices))
-    checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
-                                             extra_files={"README.md": card})
-
-
-def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: dict,
-                n_devices: int) -> dict:
-    import flax
-    import datasets
-    import tokenizers
-
-    from minilm_jax import __version__
-
-    defaults = TrainConfig()
-    hyper = {"learning_rate": cfg.learning_rate, "per_device_train_batch_size": cfg.batch_size // n_devices,
-             "train_batch_size": cfg.batch_size, "num_train_epochs": cfg.epochs, "max_steps": cfg.max_steps,
-             "warmup_steps": cfg.warmup_steps, "weight_decay": cfg.weight_decay, "adam_beta1": cfg.adam_beta1,
-             "adam_beta2": cfg.adam_beta2, "adam_epsilon": cfg.adam_epsilon, "max_grad_norm": cfg.max_grad_norm,
-             "seed": cfg.seed, "lr_scheduler_type": "linear", "dropout": cfg.dropout, "dtype": cfg.dtype,
-             "num_devices": n_devices, "steps_per_dispatch": cfg.steps_per_dispatch}
-    default_hyper = {**hyper, **{k: getattr(defaults, k) for k in (
-        "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
-        "max_grad_norm", "seed", "dropout", "dtype", "max_steps", "steps_per_dispatch")},
-        "num_train_epochs": defaults.epochs, "train_batch_size": defaults.batch_size}
-    by_step: dict[int, dict] = {}
-    for r in records:
-        row = by_step.setdefault(r["step"], {"epoch": r.get("epoch"), "step": r["step"], "loss": None,
-                                             "spearman_cosine": None})
-        if "loss" in r:
-            row["loss"] = r["loss"]
-        if "eval_spearman_cosine" in r:
-            row["spearman_cosine"] = r["eval_spearman_cosine"]
-    train = run_data.train
-    samples = [{"sentence1": train.sentence1[i], "sentence2": train.sentence2[i], "score": float(train.scores[i])}
-               for i in range(min(3, len(train)))]
-    return {
-        "base_model": cfg.model or "sentence-transformers/all-MiniLM-L6-v2",
-        "base_model_path": model.path,
-        "max_seq_length": model.sentence.max_seq_length, "hidden_size": model.config.hidden_size,
-        "do_lower_case": model.sentence.do_lower_case, "normalize": model.sentence.normalize,
-        "train_dataset": {
-            "name": run_data.train_name, "size": len(train),
-            "columns": [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column],
-            "stats": {"sentence1": token_stats(tokens.ids1), "sentence2": token_stats(tokens.ids2),
-                      "score": {"min": float(train.scores.min()), "mean": float(train.scores.mean()),
-                                "max": float(train.scores.max())}},
-            "samples": samples},
-        "eval_dataset": {"name": run_data.eval_name, "size": len(run_data.eval)} if run_data.eval is not None else None,
-        "hyperparameters": hyper, "default_hyperparameters": default_hyper,
-        "log": [by_step[s] for s in sorted(by_step)],
-        "final_eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()} or None,
-        "versions": {"python": sys.version.split()[0], "minilm_jax": __version__, "jax": jax.__version__,
-                     "flax": flax.__version__, "optax": optax.__version__, "tokenizers": tokenizers.__version__,
-                     "datasets": datasets.__version__},
-    }

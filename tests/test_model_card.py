@@ -22,7 +22,7 @@ HYPERPARAMETERS = {**DEFAULTS, "num_train_epochs": 2, "warmup_steps": 100, "seed
 
 
 def realistic_run() -> dict:
-    """The shape train_lib.run_summary gives, with the figures of a quora fine-tuning run."""
+    """The shape run_export.run_summary gives, with the figures of a quora fine-tuning run."""
     return {
         "base_model": "sentence-transformers/all-MiniLM-L6-v2",
         "base_model_path": "/models/all-MiniLM-L6-v2",

@@ -1,0 +1,149 @@
+"""A training run's folder: the lock that keeps a second train.py out, atomic writes, the checks that
+an --output-dir holds this run (or none), metrics.jsonl, and the orbax checkpoints of the train state.
+
+Bookkeeping only: nothing here knows the model or the train step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from minilm_jax.errors import UsageError, UserError
+
+if TYPE_CHECKING:
+    from minilm_jax.train_lib import TrainConfig
+
+
+class OutputLock:
+    """An exclusive lock on the output folder, so two runs never write the same checkpoints.
+    The OS drops it when the process dies, also on kill -9."""
+
+    def __init__(self, folder: Path):
+        self.path = folder / ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise UserError(f"{folder} is in use by another train.py ({holder}); wait for it to finish "
+                            "or choose another --output-dir") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}")
+        self.file.flush()
+
+    def release(self) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def check_output_dir(folder: Path) -> None:
+    """Refuse, before anything is written, an --output-dir that is a file or a non-empty folder that
+    holds no train.py run (a model folder, someone's notes): resuming is for runs only."""
+    blocker = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocker == folder:
+        raise UserError(f"--output-dir {folder} is a file; choose a folder path")
+    if blocker is not None:
+        raise UserError(f"--output-dir {folder}: {blocker} is a file, not a folder; choose another path")
+    if not folder.is_dir() or not {p.name for p in folder.iterdir()} - {".lock"}:
+        return
+    try:
+        previous = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        previous = None
+    is_run = isinstance(previous, dict) and {"output_dir", "learning_rate", "batch_size"} <= previous.keys()
+    if not is_run and not (folder / "checkpoints").is_dir():
+        raise UserError(f"--output-dir {folder} is not empty and holds no training run (no train.py config.json); "
+                        "choose a new or empty folder")
+
+
+def check_run_config(folder: Path, cfg: TrainConfig, write: bool = True) -> None:
+    """Write the resolved configuration, or check that a resumed run uses the same one."""
+    path = folder / "config.json"
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            previous = None
+        if previous is not None:
+            now = json.loads(json.dumps(cfg.resumable_fields()))
+            before = {k: previous.get(k) for k in now}
+            changed = [f"{k}: {before[k]!r} -> {now[k]!r}" for k in now if before[k] != now[k]]
+            if changed:
+                raise UsageError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
+                                 "rerun with the same options to resume, or choose another --output-dir")
+    if write:
+        write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+def read_metrics(path: Path, up_to_step: int) -> list[dict]:
+    """The metrics.jsonl records of steps <= up_to_step (a resumed run drops what came after its checkpoint)."""
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a kill
+            continue
+        if record.get("step", 0) <= up_to_step:
+            records.append(record)
+    return records
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class Checkpoints:
+    """Orbax checkpoints of the whole TrainState. The data position and the dropout rng are
+    functions of the step, so the state is all a resumed run needs."""
+
+    def __init__(self, folder: Path, keep: int):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.manager = ocp.CheckpointManager(
+            folder.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, state: Any) -> None:
+        step = int(state.step)
+        if step in self.manager.all_steps():
+            return
+        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+
+    def restore(self, like: Any) -> Any:
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        step = self.manager.latest_step()
+        try:
+            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        except ValueError as e:  # orbax: the saved tree is not this TrainState's
+            raise UserError(
+                f"checkpoint {step} in {self.manager.directory} does not hold this version's training state "
+                f"(the optimizer state changed in minilm-jax 0.2; orbax: {str(e).splitlines()[0].rstrip(':')}); resume it "
+                "with the version that wrote it, or start again in a new --output-dir") from e
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
