@@ -6,10 +6,12 @@ The batch of step s is a pure function of (seed, s): the epoch's permutation com
 beyond the step number, and every host of a multi-host job computes the same global batch and
 keeps its own devices' share.
 
-Both sentences of a pair go through the encoder in one forward pass, packed: a device's 2b
-sentences are laid several to a row (first-fit decreasing), each attending only to itself and
-with positions restarting at 0, so almost no compute goes to padding (sentence-transformers pads
-each side to its longest sentence: about twice the real tokens on Quora).
+Both sentences of a pair (and any hard negatives) go through the encoder in one forward pass,
+packed: a device's sentences are laid several to a row (first-fit decreasing), each attending only
+to itself and with positions restarting at 0, so little compute goes to padding
+(sentence-transformers pads each side to its longest sentence: about twice the real tokens on
+Quora). The packed arrays have one of two shapes fixed from the options (`StepShapes`), never from
+the data, so the train step compiles before the data is read and at most twice per run.
 """
 
 from __future__ import annotations
@@ -29,16 +31,26 @@ from minilm_jax.tokenizer import Tokenizer
 
 @dataclasses.dataclass(frozen=True)
 class TokenizedPairs:
-    ids1: list  # int32 arrays, unpadded
-    ids2: list
+    """Token ids of every row's texts, one list per column (sentence1, sentence2, then any hard
+    negatives), unpadded int32 arrays; and the rows' labels."""
+
+    columns: tuple  # of lists of int32 arrays, all of the same length
     labels: np.ndarray  # float32
 
     def __len__(self) -> int:
         return len(self.labels)
 
+    @property
+    def ids1(self) -> list:
+        return self.columns[0]
+
+    @property
+    def ids2(self) -> list:
+        return self.columns[1]
+
 
 def tokenize_pairs(pairs: Pairs, tokenizer: Tokenizer) -> TokenizedPairs:
-    return TokenizedPairs(tokenizer.token_ids(pairs.sentence1), tokenizer.token_ids(pairs.sentence2),
+    return TokenizedPairs((tokenizer.token_ids(pairs.sentence1), tokenizer.token_ids(pairs.sentence2)),
                           pairs.scores.astype(np.float32))
 
 
@@ -76,11 +88,56 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int) -> np.nda
     return epoch_permutation(n_pairs, seed, epoch)[i * batch_size:(i + 1) * batch_size]
 
 
-PACK_LENGTHS = (64, 128, 256, 512)  # row lengths of packed batches
-# Packed row counts are rounded up to this. 1 (no rounding) computes 13% fewer tokens than 4 at
-# batch 16 (1.09x the real tokens against 1.26x; a CPU step 10% faster) for 10 compiled shapes
-# over a Quora epoch instead of 5; the persistent compilation cache keeps them across runs.
-ROW_MULTIPLE = 1
+# ----------------------------------------------------------------------------- the two packed shapes
+
+# Rows of the packed shape most steps run in. 64 tokens hold any two average sentences (15 tokens
+# on Quora and STS-B) and keep attention cheap: a CPU step at 640 tokens took 322 ms in rows of 64,
+# 349 in rows of 128 and, at 768 tokens, 511 in rows of 256.
+FAST_ROW_LENGTH = 64
+# The default token budget of that shape, per sentence of a device's share of the step. At batch
+# 16 (32 sentences: 10 rows of 64) it holds 99.2% of the Quora recipe's steps and all of STS-B's
+# by token count; a step that does not fit (too many tokens, or a sentence longer than a row) runs
+# in the general shape.
+TOKENS_PER_SENTENCE = 20
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShapes:
+    """The shapes of one device's share of a train step, fixed from the options before any data is
+    read, so that a run compiles at most two train programs, and a rerun none.
+
+    - fast: one packed batch of `fast_rows` rows of `fast_length` tokens, for the steps whose
+      sentences fit (almost all of them);
+    - general: up to `micro_batches` micro-batches of `micro_rows` rows of `micro_length` (the
+      longest sentence) tokens, run one after the other with the embeddings' gradient cached
+      between them (GradCache), which gives the same loss and gradient for any step.
+    Slots: sentence i of column c (sentence1, sentence2, negatives...) is slot c * pairs + i;
+    slot `sentences` is padding.
+    """
+
+    pairs: int  # pairs (rows of the data) per device and step
+    columns: int
+    fast_rows: int
+    fast_length: int
+    micro_rows: int
+    micro_length: int
+    micro_batches: int
+
+    @property
+    def sentences(self) -> int:
+        return self.columns * self.pairs
+
+
+def step_shapes(pairs_per_device: int, columns: int, max_seq_length: int, tokens_per_device: int = 0) -> StepShapes:
+    """The two shapes for `pairs_per_device` rows of `columns` texts truncated at max_seq_length;
+    `tokens_per_device` is the fast shape's budget (0: TOKENS_PER_SENTENCE per sentence)."""
+    sentences = columns * pairs_per_device
+    fast_length = min(FAST_ROW_LENGTH, max_seq_length)
+    fast_rows = max(1, -(-(tokens_per_device or sentences * TOKENS_PER_SENTENCE) // fast_length))
+    micro_rows = max(1, -(-fast_rows * fast_length // max_seq_length))
+    # The worst step: every sentence max_seq_length long, one to a row.
+    micro_batches = -(-sentences // micro_rows)
+    return StepShapes(pairs_per_device, columns, fast_rows, fast_length, micro_rows, max_seq_length, micro_batches)
 
 
 def pack_sentences(lengths: Sequence[int], row_length: int) -> list[list[int]]:
@@ -100,73 +157,170 @@ def pack_sentences(lengths: Sequence[int], row_length: int) -> list[list[int]]:
 
 
 def _device_sentences(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, device: int) -> list:
-    """The 2b sentences of one device: its pairs' sentence1 rows, then their sentence2 rows."""
+    """(slot, ids) of one device's sentences: its rows' sentence1 texts, then their sentence2
+    texts, then each negative column's. A short final batch leaves slots out, never renumbers them."""
     b = layout.pairs_per_device
     mine = indices[device * b:(device + 1) * b]
-    return [data.ids1[i] for i in mine] + [data.ids2[i] for i in mine]
+    return [(c * b + k, column[i]) for c, column in enumerate(data.columns) for k, i in enumerate(mine)]
 
 
-def make_batch(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, row_length: int, n_rows: int,
-               packing: list) -> dict:
-    """Packed arrays for this host's devices: ids/positions/segments/slots [local_devices, n_rows, row_length]
-    (slot = the sentence's index among the device's 2b sentences, 2b for padding), labels/weights
-    [local_devices, b], count [local_devices] (real pairs in the global batch: the loss's denominator)."""
+def _fast_packing(sentences: list, shapes: StepShapes) -> list | None:
+    """The fast shape's rows for these sentences, or None if they do not fit it."""
+    lengths = [len(ids) for _, ids in sentences]
+    if max(lengths, default=0) > shapes.fast_length:
+        return None
+    rows = pack_sentences(lengths, shapes.fast_length)
+    return rows if len(rows) <= shapes.fast_rows else None
+
+
+def _fill_rows(arrays: dict, sentences: list, rows: list, row_length: int) -> None:
+    """Write packed rows into ids/positions/segments/slots (flat [n_rows * row_length] views)."""
+    for r, members in enumerate(rows):
+        at = r * row_length
+        for seg, i in enumerate(members, start=1):
+            slot, ids = sentences[i]
+            span = slice(at, at + len(ids))
+            arrays["ids"][span] = ids
+            arrays["positions"][span] = np.arange(len(ids))
+            arrays["segments"][span] = seg
+            arrays["slots"][span] = slot
+            at += len(ids)
+
+
+def _empty_rows(shape: tuple, shapes: StepShapes) -> dict:
+    arrays = {k: np.zeros(shape, np.int32) for k in ("ids", "positions", "segments")}
+    arrays["slots"] = np.full(shape, shapes.sentences, np.int32)
+    return arrays
+
+
+def fast_rows(sentences: list, rows: list, shapes: StepShapes) -> dict:
+    """ids/positions/segments/slots [fast_rows, fast_length]."""
+    arrays = _empty_rows((shapes.fast_rows, shapes.fast_length), shapes)
+    _fill_rows({k: v.reshape(-1) for k, v in arrays.items()}, sentences, rows, shapes.fast_length)
+    return arrays
+
+
+def general_rows(sentences: list, shapes: StepShapes) -> dict:
+    """ids/positions/segments/slots [micro_batches, micro_rows, micro_length], and micro_batches
+    [] (how many of them hold sentences)."""
+    arrays = _empty_rows((shapes.micro_batches, shapes.micro_rows, shapes.micro_length), shapes)
+    if sentences:
+        rows = pack_sentences([len(ids) for _, ids in sentences], shapes.micro_length)
+        _fill_rows({k: v.reshape(-1) for k, v in arrays.items()}, sentences, rows, shapes.micro_length)
+        used = -(-len(rows) // shapes.micro_rows)
+    else:
+        used = 0
+    arrays["micro_batches"] = np.int32(used)
+    return arrays
+
+
+def _pair_arrays(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, device: int) -> dict:
+    """labels/weights [pairs] (weight 0: padding of a short last batch), count [] (real pairs in the
+    whole global batch: the loss's denominator)."""
     b = layout.pairs_per_device
-    n_local = layout.local_devices
-    shape = (n_local, n_rows, row_length)
-    ids, positions, segments = np.zeros(shape, np.int32), np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    slots = np.full(shape, 2 * b, np.int32)
-    labels = np.zeros((n_local, b), np.float32)
-    weights = np.zeros((n_local, b), np.float32)
-    for d in range(n_local):
-        device = layout.first_device + d
-        sentences = _device_sentences(data, indices, layout, device)
-        n_pairs = len(sentences) // 2
-        for r, members in enumerate(packing[d]):
-            at = 0
-            for seg, i in enumerate(members, start=1):
-                row = sentences[i]
-                # A short final batch has fewer pairs: its sentence2 rows still go to slots b + pair.
-                slot = i if i < n_pairs else b + (i - n_pairs)
-                ids[d, r, at:at + len(row)] = row
-                positions[d, r, at:at + len(row)] = np.arange(len(row))
-                segments[d, r, at:at + len(row)] = seg
-                slots[d, r, at:at + len(row)] = slot
-                at += len(row)
-        mine = indices[device * b:(device + 1) * b]
-        labels[d, :len(mine)] = data.labels[mine]
-        weights[d, :len(mine)] = 1.0
-    count = np.full((n_local,), float(len(indices)), np.float32)
-    return {"ids": ids, "positions": positions, "segments": segments, "slots": slots, "labels": labels,
-            "weights": weights, "count": count}
+    mine = indices[device * b:(device + 1) * b]
+    labels, weights = np.zeros(b, np.float32), np.zeros(b, np.float32)
+    labels[:len(mine)] = data.labels[mine]
+    weights[:len(mine)] = 1.0
+    return {"labels": labels, "weights": weights, "count": np.float32(len(indices))}
 
 
-def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, seed: int, start_step: int, end_step: int,
-                    steps_per_dispatch: int = 1) -> Iterator[tuple[int, int, dict]]:
-    """(first_step, n_steps, arrays) for steps [start_step, end_step), `steps_per_dispatch` at a time.
+@dataclasses.dataclass(frozen=True)
+class Dispatch:
+    """The steps [first, first + n) of one device call, and the arrays of this host's devices
+    ([local devices, steps, ...]).
 
-    Arrays get a step axis after the device axis ([local_devices, n_steps, ...]). All steps and
-    devices of a group share one (rows, row length) shape, taken from the most demanding of them,
-    so they stack and so every device runs the same program.
+    program 'fast': every step fits the fast shape; the arrays hold `fast`.
+    program 'general': they hold `general`; with several steps per dispatch also `fast` and
+    `kind` [steps] (1: run the step in the fast shape, 2: in the general one, 0: padding after the
+    last step of the run, which changes nothing), so that a dispatch of fewer steps than
+    steps_per_dispatch keeps the program's shape.
+    """
+
+    first: int
+    n: int
+    program: str
+    arrays: dict
+
+
+SKIP, FAST, GENERAL = 0, 1, 2  # Dispatch kinds
+
+
+def _step_arrays(pair_arrays: dict, kind: int, sentences: list, packing, shapes: StepShapes, program: str,
+                 steps_per_dispatch: int) -> dict:
+    arrays = dict(pair_arrays)
+    if program == "fast" or steps_per_dispatch > 1:
+        arrays["fast"] = (fast_rows(sentences, packing, shapes) if kind == FAST
+                          else _empty_rows((shapes.fast_rows, shapes.fast_length), shapes))
+    if program == "general":
+        arrays["general"] = general_rows(sentences if kind == GENERAL else [], shapes)
+        if steps_per_dispatch > 1:
+            arrays["kind"] = np.int32(kind)
+    return arrays
+
+
+def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, seed: int, start_step: int,
+                    end_step: int, steps_per_dispatch: int = 1) -> Iterator[Dispatch]:
+    """The Dispatches for steps [start_step, end_step), `steps_per_dispatch` at a time.
+
+    Every host must run the same program, so whether a step fits the fast shape is decided over the
+    devices of the whole global batch (a short last batch can leave a device with no pairs at all).
     """
     n = len(data)
+    mine = range(layout.first_device, layout.first_device + layout.local_devices)
     for first in range(start_step, end_step, steps_per_dispatch):
         steps = range(first, min(first + steps_per_dispatch, end_step))
-        indices = [batch_indices(n, layout.batch_size, seed, s) for s in steps]
-        # Every host must pick the same shape, so the shape comes from all devices of the global
-        # batch; default=0: a short last batch can leave a device with no pairs at all.
-        all_lengths = [[[len(x) for x in _device_sentences(data, idx, layout, d)]
-                        for d in range(layout.global_devices)] for idx in indices]
-        longest = max(max(ls, default=0) for per_step in all_lengths for ls in per_step)
-        row_length = next((p for p in PACK_LENGTHS if p >= longest), longest)
-        all_packings = [[pack_sentences(ls, row_length) for ls in per_step] for per_step in all_lengths]
-        n_rows = max(len(p) for per_step in all_packings for p in per_step)
-        n_rows = max(ROW_MULTIPLE, -(-n_rows // ROW_MULTIPLE) * ROW_MULTIPLE)
-        mine = slice(layout.first_device, layout.first_device + layout.local_devices)
-        packings = [per_step[mine] for per_step in all_packings]
-        batches = [make_batch(data, idx, layout, row_length, n_rows, packing)
-                   for idx, packing in zip(indices, packings)]
-        yield first, len(steps), {k: np.stack([b[k] for b in batches], axis=1) for k in batches[0]}
+        per_step = []  # (indices, every device's sentences, every device's fast rows or None)
+        for s in steps:
+            idx = batch_indices(n, layout.batch_size, seed, s)
+            sentences = [_device_sentences(data, idx, layout, d) for d in range(layout.global_devices)]
+            packings = [_fast_packing(x, shapes) for x in sentences]
+            per_step.append((idx, sentences, None if any(p is None for p in packings) else packings))
+        kinds = [FAST if packings is not None else GENERAL for _, _, packings in per_step]
+        short = len(steps) < steps_per_dispatch
+        program = "general" if GENERAL in kinds or short else "fast"
+        devices = []
+        for d in mine:
+            step_arrays = [_step_arrays(_pair_arrays(data, idx, layout, d), kind, sentences[d],
+                                        None if packings is None else packings[d], shapes, program, steps_per_dispatch)
+                           for (idx, sentences, packings), kind in zip(per_step, kinds)]
+            padding = _step_arrays(_empty_pair_arrays(shapes), SKIP, [], None, shapes, program, steps_per_dispatch)
+            step_arrays += [padding] * (steps_per_dispatch - len(steps))
+            devices.append(_stack(step_arrays))
+        yield Dispatch(first, len(steps), program, _stack(devices))
+
+
+def example_dispatch(shapes: StepShapes, local_devices: int, steps_per_dispatch: int, program: str) -> dict:
+    """Arrays shaped as a Dispatch's of `program` (all padding): what its program is compiled for."""
+    step = _step_arrays(_empty_pair_arrays(shapes), SKIP, [], None, shapes, program, steps_per_dispatch)
+    return _stack([_stack([step] * steps_per_dispatch)] * local_devices)
+
+
+def general_steps(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, seed: int, start_step: int,
+                  end_step: int) -> list[int]:
+    """The steps of [start_step, end_step) that do not fit the fast shape (on some device of the
+    global batch), found without building any arrays."""
+    n = len(data)
+    out = []
+    for s in range(start_step, end_step):
+        idx = batch_indices(n, layout.batch_size, seed, s)
+        if any(_fast_packing(_device_sentences(data, idx, layout, d), shapes) is None
+               for d in range(layout.global_devices)):
+            out.append(s)
+    return out
+
+
+def _empty_pair_arrays(shapes: StepShapes) -> dict:
+    return {"labels": np.zeros(shapes.pairs, np.float32), "weights": np.zeros(shapes.pairs, np.float32),
+            "count": np.float32(1.0)}
+
+
+def _stack(trees: list) -> dict:
+    """Stack dicts of arrays (nested) along a new leading axis."""
+    first = trees[0]
+    if isinstance(first, dict):
+        return {k: _stack([t[k] for t in trees]) for k in first}
+    return np.stack(trees)
 
 
 def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:

@@ -139,7 +139,7 @@ class Checkpoints:
         except ValueError as e:  # orbax: the saved tree is not this TrainState's
             raise UserError(
                 f"checkpoint {step} in {self.manager.directory} does not hold this version's training state "
-                f"(the optimizer state changed in minilm-jax 0.2; orbax: {str(e).splitlines()[0].rstrip(':')}); resume it "
+                f"(its layout changed in minilm-jax 0.2 and 0.3; orbax: {str(e).splitlines()[0].rstrip(':')}); resume it "
                 "with the version that wrote it, or start again in a new --output-dir") from e
 
     def wait(self) -> None:

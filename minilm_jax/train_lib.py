@@ -1,39 +1,35 @@
-"""Fine-tuning with CosineSimilarityLoss, data-parallel over all devices with `jax.pmap` (plain `jax.jit`
-when there is only one).
+"""Fine-tuning a sentence model, data-parallel over all devices with `jax.pmap` (plain `jax.jit`
+when there is only one): the configuration, the run's data, and the loop.
 
-Sections, in the order the run goes through them: configuration, optimizer, the pure train
-step, data, checkpoints, the loop, export.
+The train step and its two compiled programs are in train_step.py; the run folder's bookkeeping
+(lock, config check, metrics, checkpoints) in run_folder.py; the export at the end in run_export.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
 
 from minilm_jax import data as data_lib
-from minilm_jax.config import BertConfig
-from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
+from minilm_jax.ahead_of_time import AheadOfTime
+from minilm_jax.embedding import compute_dtype
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.losses import cosine_mse_terms
-from minilm_jax.optimizer import AdamW, RowSparse, join_table, split_table
+from minilm_jax.optimizer import AdamW
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 from minilm_jax.run_export import export_run
 from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
                                    write_text_atomic)
-
-AXIS = "devices"  # the pmap axis name, also given to replicate() so the step compiles once
+from minilm_jax.train_step import StepSpec, TrainState, from_devices, init_state, step_program, to_devices
 
 DEFAULT_DATASET = "sentence-transformers/quora-duplicates"
 DEFAULT_DATASET_SUBSET = "pair-class"
@@ -71,6 +67,7 @@ class TrainConfig:
     max_seq_length: int = 0  # 0: the model's (256)
     dtype: str = "float32"
     steps_per_dispatch: int = 1  # optimizer steps per device call (lax.scan), to cut per-step overhead
+    packed_tokens: int = 0  # tokens per device in the fast packed shape; 0: data.TOKENS_PER_SENTENCE per sentence
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     eval_every: int = 0  # 0: only at the end of each epoch
@@ -83,7 +80,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "max_seq_length"):
+        for name in ("max_steps", "warmup_steps", "eval_every", "max_seq_length", "packed_tokens"):
             if getattr(self, name) < 0:
                 raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
@@ -107,7 +104,7 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
-# ----------------------------------------------------------------------------- optimizer
+# ----------------------------------------------------------------------------- optimizer and loss
 
 def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 (if any), then linear decay to 0 at the last step, as transformers'
@@ -119,136 +116,33 @@ def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule
     return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
-def make_optimizer(cfg: TrainConfig, schedule: optax.Schedule) -> AdamW:
-    return AdamW(schedule, b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
+def learning_rates(cfg: TrainConfig, total_steps: int) -> np.ndarray:
+    """The learning rate of every step (float32 [total_steps]), computed on the host and fed to the
+    compiled step as an input, so that the schedule and the step count are not constants of it."""
+    return np.asarray(jax.vmap(learning_rate_schedule(cfg, total_steps))(jnp.arange(total_steps)), np.float32)
+
+
+def make_optimizer(cfg: TrainConfig) -> AdamW:
+    return AdamW(b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay,
                  max_grad_norm=cfg.max_grad_norm)
 
 
-@struct.dataclass
-class TrainState:
-    step: jax.Array
-    params: Any
-    opt_state: Any
+@dataclasses.dataclass(frozen=True)
+class CosineSimilarityLoss:
+    """sentence-transformers' CosineSimilarityLoss: mean over pairs of (cos(u, v) - label)^2."""
+
+    name: str = "CosineSimilarityLoss"
+
+    def local_loss(self, columns_CxBxD, labels_B, weights_B, count, axis_name=None):
+        # This device's share of the global batch's mean: the shares sum to it over devices (also
+        # for a short last batch, whose padding rows have weight 0).
+        return jnp.sum(cosine_mse_terms(columns_CxBxD[0], columns_CxBxD[1], labels_B, weights_B)) / count
 
 
-def init_state(params, tx: AdamW) -> TrainState:
-    params = jax.tree.map(jnp.asarray, params)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-
-
-# ----------------------------------------------------------------------------- the train step
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, config: BertConfig, tx: AdamW, schedule,
-               dtype_name: str = "float32", dropout: bool = True, axis_name: str | None = AXIS):
-    """One optimizer step on one device's share of the batch: (state, batch, rng) -> (state, metrics).
-
-    batch: packed ids/positions/segments/slots [R, P] holding the 2b sentences (slots 0..b-1 the
-    sentence1 side, b..2b-1 the sentence2 side), labels/weights [b], count []
-    (real pairs in the whole global batch). Gradients are averaged over devices with pmean; a step
-    whose loss or gradient is not finite is reported in the metrics (`finite`) for the host to stop on.
-    """
-    # Independent dropout per device; a single device (no axis) draws as device 0 of a pmap would.
-    device = jax.lax.axis_index(axis_name) if axis_name else 0
-    step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
-    loss, grads = loss_and_grads(state.params, batch, step_rng if dropout else None, config=config,
-                                 dtype_name=dtype_name, axis_name=axis_name)
-    params, opt_state, grad_norm = tx.apply(grads, state.opt_state, state.params)
-    # No in-graph guard against a non-finite step (selecting old or new state costs a third of the
-    # optimizer's time on CPU): the host checks every step's metrics before it saves a checkpoint,
-    # so a non-finite step stops the run with the last good checkpoint on disk.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"loss": loss, "learning_rate": schedule(state.step), "grad_norm": grad_norm, "finite": finite}
-    return new_state, metrics
-
-
-def loss_and_grads(params, batch: dict, dropout_rng: jax.Array | None, *, config: BertConfig,
-                   dtype_name: str = "float32", axis_name: str | None = AXIS):
-    """The batch's mean CosineSimilarityLoss and its gradient, averaged over devices. The gradient
-    of the word-embedding table is row-sparse (a RowSparse of the rows the batch uses, see
-    optimizer.py): the encoder runs on a table of only those rows, with the ids renumbered into it.
-    Dropout is on iff a dropout rng is given."""
-    n_devices = jax.lax.psum(1, axis_name) if axis_name else 1
-    b = batch["labels"].shape[0]
-    rows_N, local_ids = batch_rows(batch["ids"], config.vocab_size, axis_name)
-    local_config = dataclasses.replace(config, vocab_size=rows_N.shape[0])
-    local_batch = {**batch, "ids": local_ids}
-    rest, table = split_table(params)
-    local_table = table[jnp.minimum(rows_N, config.vocab_size - 1)]  # padding rows: any row, never read
-
-    def loss_fn(local_params):
-        emb_2bxD = packed_sentence_embeddings(local_params, local_batch, 2 * b, config=local_config,
-                                              dtype=compute_dtype(dtype_name), dropout_rng=dropout_rng)
-        terms_b = cosine_mse_terms(emb_2bxD[:b], emb_2bxD[b:], batch["labels"], batch["weights"])
-        # This device's share of the global batch mean, scaled so that pmean over devices gives
-        # the mean over all real pairs (also for a short last batch with padding rows).
-        return jnp.sum(terms_b) / batch["count"] * n_devices
-
-    loss, grads = jax.value_and_grad(loss_fn)(join_table(rest, local_table))
-    if axis_name:  # every device has the same rows_N, so the table rows' gradients average too
-        loss, grads = jax.lax.pmean((loss, grads), axis_name)
-    rest_grads, table_grad = split_table(grads)
-    return loss, join_table(rest_grads, RowSparse(rows_N, table_grad))
-
-
-def batch_rows(ids: jax.Array, vocab_size: int, axis_name: str | None) -> tuple[jax.Array, jax.Array]:
-    """The table rows a step's ids use, over all devices: (rows [N], ids renumbered into rows).
-
-    rows are sorted and distinct, padded with vocab_size to N = the number of ids on all devices, so
-    that shapes are static and every device holds the same rows in the same order.
-    """
-    all_ids = jax.lax.all_gather(ids, axis_name) if axis_name else ids
-    rows_N = jnp.unique(all_ids.reshape(-1), size=all_ids.size, fill_value=vocab_size)
-    return rows_N, jnp.searchsorted(rows_N, ids).astype(ids.dtype)
-
-
-def train_steps(state: TrainState, batches: dict, rng: jax.Array, **step_kwargs):
-    """Several train steps in one device call: `batches` has a leading step axis."""
-
-    def body(carry, batch):
-        return train_step(carry, batch, rng, **step_kwargs)
-
-    return jax.lax.scan(body, state, batches)
-
-
-def compiled_train_steps(n_devices: int, **step_kwargs):
-    """`train_steps` compiled for `n_devices` devices in all: (state, batches [local devices, steps, ...],
-    rng) -> (state, metrics [local devices, steps]), the state donated and placed by `to_devices`.
-
-    Several devices: jax.pmap over AXIS, gradients averaged with pmean. One device: plain jax.jit
-    of the same function, which is the same maths without pmap's copies (16-19% of a CPU step at
-    batch 16, bench/RESULTS.md). The device axis of batches and metrics is kept either way, so the
-    loop around it does not care which it got.
-    """
-    if n_devices > 1:
-        return jax.pmap(functools.partial(train_steps, **step_kwargs), axis_name=AXIS, in_axes=(0, 0, None),
-                        donate_argnums=(0,))
-
-    def one_device(state, batches, rng):
-        state, metrics = train_steps(state, jax.tree.map(lambda x: x[0], batches), rng, axis_name=None,
-                                     **step_kwargs)
-        return state, jax.tree.map(lambda x: x[None], metrics)
-
-    return jax.jit(one_device, donate_argnums=(0,))
-
-
-def to_devices(tree, n_devices: int):
-    """Place `tree` for compiled_train_steps: replicated over the local devices for pmap, or a
-    private copy on the one device (the step donates it, and `tree` may be a loaded model's)."""
-    if n_devices > 1:
-        from flax import jax_utils
-
-        return jax_utils.replicate(tree, axis_name=AXIS)
-    return jax.tree.map(jnp.array, tree)
-
-
-def from_devices(tree, n_devices: int):
-    """Host (numpy) copy of a tree placed by `to_devices`: device 0's replica when replicated."""
-    if n_devices > 1:
-        from flax import jax_utils
-
-        tree = jax_utils.unreplicate(tree)
-    return jax.device_get(tree)
+def step_spec(cfg: TrainConfig, model, n_devices: int) -> StepSpec:
+    """What the compiled train step depends on: all of it known from the options and the model."""
+    shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2, model.sentence.max_seq_length, cfg.packed_tokens)
+    return StepSpec(model.config, CosineSimilarityLoss(), shapes, cfg.dtype, cfg.dropout)
 
 
 # ----------------------------------------------------------------------------- data
@@ -310,7 +204,7 @@ def prepare_model(cfg: TrainConfig):
 
 def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     """Run (or resume) the training described by `cfg` in cfg.output_dir; export the model at the end.
-    Returns the final evaluation metrics (empty without eval data)."""
+    Returns the final evaluation metrics (empty without eval data), and what compilation cost."""
     cfg.validate()
     out = Path(cfg.output_dir).absolute()
     # Everything that can be wrong with the options, the model or the data fails here, before
@@ -323,19 +217,62 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     if out.is_dir():
         check_run_config(out, cfg, write=False)
     model = prepare_model(cfg)
-    run_data = load_run_data(cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    # On several hosts sharing one output folder, process 0 owns the folder; the others only
-    # take part in the checkpoints.
-    lock = OutputLock(out) if jax.process_index() == 0 else None
+    # The programs' shapes follow from the options and the model: compile them while the data is
+    # read and tokenised.
+    compiler = AheadOfTime()
+    programs = TrainPrograms(step_spec(cfg, model, n_global), cfg.steps_per_dispatch, compiler,
+                             init_state(model.params, make_optimizer(cfg)))
+    programs.prepare("fast")
     try:
-        return _run(cfg, out, progress, model, run_data)
+        run_data = load_run_data(cfg)
+        out.mkdir(parents=True, exist_ok=True)
+        # On several hosts sharing one output folder, process 0 owns the folder; the others only
+        # take part in the checkpoints.
+        lock = OutputLock(out) if jax.process_index() == 0 else None
+        try:
+            return _run(cfg, out, progress, model, run_data, programs)
+        finally:
+            if lock is not None:
+                lock.release()
     finally:
-        if lock is not None:
-            lock.release()
+        compiler.close()
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) -> dict:
+class TrainPrograms:
+    """The run's two train programs (train_step.py), compiled ahead of time by `compiler`."""
+
+    def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState):
+        self.spec, self.steps_per_dispatch, self.compiler = spec, steps_per_dispatch, compiler
+        self.n_global, self.n_local = jax.device_count(), jax.local_device_count()
+        state = jax.eval_shape(lambda s: s, example_state)
+        if self.n_global > 1:  # replicated: a leading axis of local devices
+            state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.n_local, *x.shape), x.dtype), state)
+        self._example_state = state
+
+    def prepare(self, program: str) -> None:
+        """Start compiling `program` (if not yet started)."""
+        if self.compiler.submitted(program):
+            return
+        batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
+        batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
+        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        self.compiler.submit(program, step_program(self.spec, program, self.n_global), self._example_state,
+                             batches, rng, make_optimizer(TrainConfig()).as_inputs())
+
+    def get(self, program: str):
+        self.prepare(program)
+        return self.compiler.get(program)
+
+
+def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_per_dispatch: int) -> dict:
+    """The dispatch's arrays and its steps' learning rates ([local devices, steps]; 0 for padding)."""
+    step_rates = np.zeros(steps_per_dispatch, np.float32)
+    step_rates[:dispatch.n] = rates[dispatch.first:dispatch.first + dispatch.n]
+    n_local = jax.tree.leaves(dispatch.arrays)[0].shape[0]
+    return {**dispatch.arrays, "learning_rate": np.broadcast_to(step_rates, (n_local, steps_per_dispatch))}
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: TrainPrograms) -> dict:
     from minilm_jax.metrics import evaluate_pairs
 
     is_main = jax.process_index() == 0
@@ -348,8 +285,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
     train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
     per_epoch = data_lib.steps_per_epoch(len(train_tokens), cfg.batch_size)
     total_steps = cfg.max_steps or cfg.epochs * per_epoch
-    schedule = learning_rate_schedule(cfg, total_steps)
-    tx = make_optimizer(cfg, schedule)
+    rates = learning_rates(cfg, total_steps)
+    tx = make_optimizer(cfg)
 
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     state = init_state(model.params, tx)
@@ -361,9 +298,12 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
     if is_main:
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
-    step_fn = compiled_train_steps(n_global, config=model.config, tx=tx, schedule=schedule, dtype_name=cfg.dtype,
-                                   dropout=cfg.dropout)
+    shapes = programs.spec.shapes
+    general = data_lib.general_steps(train_tokens, layout, shapes, cfg.seed, start_step, total_steps)
+    if general or (total_steps - start_step) % cfg.steps_per_dispatch:
+        programs.prepare("general")  # compiled while the first fast steps run
     rng = jax.random.PRNGKey(cfg.seed)
+    tx_inputs = tx.as_inputs()
     p_state = to_devices(state, n_global)
     del state
 
@@ -374,9 +314,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
                                 cfg.dtype)
         return {f"eval_{k}": v for k, v in result.items()}
 
-    log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main)
+    log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main,
+                  programs.compiler)
     groups = data_lib.prefetch(data_lib.dispatch_groups(
-        train_tokens, layout, cfg.seed, start_step, total_steps, cfg.steps_per_dispatch))
+        train_tokens, layout, shapes, cfg.seed, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
     last_eval: dict = {}  # {step: metrics} of the latest evaluation, reused as the final one
 
@@ -398,8 +339,16 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
         return every > 0 and (first + n) // every > first // every
 
     try:
-        for first, n, arrays in groups:
-            p_state, metrics = step_fn(p_state, arrays, rng)
+        for dispatch in groups:
+            first, n = dispatch.first, dispatch.n
+            if not programs.compiler.ready(dispatch.program):
+                log.pause()  # waiting for a compile is not training time
+                step_fn = programs.get(dispatch.program)
+                log.resume()
+            else:
+                step_fn = programs.get(dispatch.program)
+            p_state, metrics = step_fn(p_state, with_learning_rates(dispatch, rates, cfg.steps_per_dispatch), rng,
+                                       tx_inputs)
             if pending is not None:
                 settle(pending)  # the previous dispatch's metrics, fetched while this one runs
             pending = (first, n, metrics)
@@ -423,21 +372,24 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData) 
         checkpoints.wait()
     final_params = from_devices(p_state.params, n_global)
     final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
+    run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
     if is_main:
         export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
-                per_epoch, n_global)
+                   per_epoch, n_global)
     checkpoints.close()
-    return {k.removeprefix("eval_"): v for k, v in final_eval.items()}
+    return {**{k.removeprefix("eval_"): v for k, v in final_eval.items()}, **run_report}
 
 
 class _Logger:
     """Progress bar, and one metrics.jsonl record per log interval (plus one per evaluation).
 
-    pairs_per_second counts only the time spent training: the first dispatch (compilation) and
-    evaluations/checkpoints are left out."""
+    pairs_per_second counts only the time spent training: the first dispatch, waiting for a
+    program to compile, and evaluations/checkpoints are left out. Each record also gives what this
+    process has spent on compiling its train programs so far (AheadOfTime.report)."""
 
-    def __init__(self, path: Path | None, total: int, start: int, cfg: TrainConfig, progress: bool):
-        self.path, self.cfg = path, cfg
+    def __init__(self, path: Path | None, total: int, start: int, cfg: TrainConfig, progress: bool,
+                 compiler: AheadOfTime):
+        self.path, self.cfg, self.compiler = path, cfg, compiler
         self.losses, self.grad_norms = [], []
         self.timed_steps, self.timed_seconds = 0, 0.0
         self.clock = None  # starts after the first settled step, so compilation is not timed
@@ -464,7 +416,7 @@ class _Logger:
         if step % self.cfg.log_every == 0:
             self.write({"step": step, "epoch": round(epoch, 4), "loss": float(np.mean(self.losses)),
                         "learning_rate": lr, "grad_norm": float(np.mean(self.grad_norms)),
-                        "pairs_per_second": self.rate()})
+                        "pairs_per_second": self.rate(), **self.compiler.report()})
             self.losses, self.grad_norms = [], []
             self.timed_steps, self.timed_seconds = 0, 0.0
 

@@ -41,7 +41,7 @@ def ours(model_path, quora):
     import jax
 
     import minilm_jax
-    from minilm_jax import data as data_lib, train_lib
+    from minilm_jax import data as data_lib, train_lib, train_step
     from minilm_jax.convert import to_torch_state
 
     model = minilm_jax.load(model_path)
@@ -51,23 +51,25 @@ def ours(model_path, quora):
             cfg.max_grad_norm, cfg.warmup_steps) == (5e-5, 0.9, 0.999, 1e-8, 0.0, 1.0, 0)
     total_steps = cfg.epochs * data_lib.steps_per_epoch(len(tokens), cfg.batch_size)
     assert total_steps == RECIPE_TOTAL_STEPS
-    schedule = train_lib.learning_rate_schedule(cfg, total_steps)
-    tx = train_lib.make_optimizer(cfg, schedule)
+    rates = train_lib.learning_rates(cfg, total_steps)
+    tx = train_lib.make_optimizer(cfg)
     n_devices = jax.device_count()  # 1 here: the single-device (jit) path that train.py takes on one device
-    state = train_lib.to_devices(train_lib.init_state(model.params, tx), n_devices)
-    step_fn = train_lib.compiled_train_steps(n_devices, config=model.config, tx=tx, schedule=schedule, dropout=False)
+    spec = train_lib.step_spec(cfg, model, n_devices)
+    state = train_step.to_devices(train_step.init_state(model.params, tx), n_devices)
+    programs = {p: train_step.step_program(spec, p, n_devices) for p in train_step.PROGRAMS}
     layout = data_lib.BatchLayout(BATCH, 1, 1, 0)
     rng = jax.random.PRNGKey(SEED)
     out = {"loss": [], "learning_rate": [], "grad_norm": [], "finite": []}
     # Two dispatches of 5 steps each: the lax.scan path, and a state carried from one call to the next.
-    for first, n, arrays in data_lib.dispatch_groups(tokens, layout, SEED, 0, N_STEPS, steps_per_dispatch=5):
-        assert arrays["labels"].shape == (1, n, BATCH)
-        state, metrics = step_fn(state, arrays, rng)
+    for dispatch in data_lib.dispatch_groups(tokens, layout, spec.shapes, SEED, 0, N_STEPS, steps_per_dispatch=5):
+        assert dispatch.arrays["labels"].shape == (1, 5, BATCH)
+        state, metrics = programs[dispatch.program](state, train_lib.with_learning_rates(dispatch, rates, 5), rng,
+                                                    tx.as_inputs())
         host = jax.device_get(metrics)
         for key in out:
-            out[key] += [host[key][0, k] for k in range(n)]
-    assert int(train_lib.from_devices(state.step, n_devices)) == N_STEPS
-    final = to_torch_state({"encoder": train_lib.from_devices(state.params, n_devices), "pooler": model.pooler}, model.config)
+            out[key] += [host[key][0, k] for k in range(dispatch.n)]
+    assert int(train_step.from_devices(state.step, n_devices)) == N_STEPS
+    final = to_torch_state({"encoder": train_step.from_devices(state.params, n_devices), "pooler": model.pooler}, model.config)
     return {**{k: np.asarray(v) for k, v in out.items()}, "weights": final}
 
 

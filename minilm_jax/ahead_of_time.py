@@ -1,0 +1,95 @@
+"""Programs compiled ahead of time, on a background thread, and what compiling them cost.
+
+A run knows the shapes of its programs from its options, so it can lower and compile them while it
+reads and tokenises its data, instead of paying for both in turn at its first step. Each program
+is compiled (or loaded from JAX's persistent compilation cache) once; `get` waits for it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import threading
+import time
+from typing import Any, Callable
+
+import jax
+
+_CACHE_HIT = "/jax/compilation_cache/cache_hits"
+_hits_by_thread: dict[int, int] = {}
+_listening = threading.Lock()
+_listener_installed = False
+
+
+def _count_cache_hits(event: str, **kwargs) -> None:
+    if event == _CACHE_HIT:
+        thread = threading.get_ident()
+        _hits_by_thread[thread] = _hits_by_thread.get(thread, 0) + 1
+
+
+def _install_listener() -> None:
+    global _listener_installed
+    with _listening:
+        if not _listener_installed:
+            jax.monitoring.register_event_listener(_count_cache_hits)
+            _listener_installed = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledProgram:
+    name: str
+    seconds: float  # lowering and compiling, or loading from the persistent cache
+    from_cache: bool  # loaded from the persistent compilation cache, not compiled
+
+
+class AheadOfTime:
+    """Compiles programs on background threads in the order they are submitted.
+
+    submit(name, function, *example_args): lower `function` (a jax.jit or jax.pmap function) for
+    arguments shaped as example_args (arrays or jax.ShapeDtypeStruct) and compile it.
+    get(name): the compiled program, waiting for it if need be.
+    """
+
+    def __init__(self, threads: int = 1):
+        _install_listener()
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minilm-jax-compile")
+        self._futures: dict[str, concurrent.futures.Future] = {}
+        self.compiled: list[CompiledProgram] = []
+        self.waited_seconds = 0.0  # how long callers of get() waited for compilation
+
+    def submit(self, name: str, function: Callable, *example_args: Any) -> None:
+        if name not in self._futures:
+            self._futures[name] = self._pool.submit(self._compile, name, function, example_args)
+
+    def submitted(self, name: str) -> bool:
+        return name in self._futures
+
+    def _compile(self, name: str, function: Callable, example_args: tuple):
+        thread = threading.get_ident()
+        hits_before = _hits_by_thread.get(thread, 0)
+        start = time.perf_counter()
+        executable = function.lower(*example_args).compile()
+        seconds = time.perf_counter() - start
+        self.compiled.append(CompiledProgram(name, seconds, _hits_by_thread.get(thread, 0) > hits_before))
+        return executable
+
+    def ready(self, name: str) -> bool:
+        return name in self._futures and self._futures[name].done()
+
+    def get(self, name: str):
+        future = self._futures[name]
+        if not future.done():
+            start = time.perf_counter()
+            concurrent.futures.wait([future])
+            self.waited_seconds += time.perf_counter() - start
+        return future.result()
+
+    def report(self) -> dict:
+        """compile_seconds (every program's lowering and compiling or loading, whether the run waited
+        for it or not) and compiled_programs (how many were compiled, not loaded from the cache)."""
+        return {"compile_seconds": round(sum(p.seconds for p in self.compiled), 3),
+                "compiled_programs": sum(not p.from_cache for p in self.compiled),
+                "cached_programs": sum(p.from_cache for p in self.compiled)}
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,151 @@
+"""Static shapes and compiled programs (issue: time to a trained model).
+
+- The packed shapes come from the options alone; every Dispatch of a real epoch has exactly the
+  shapes its program was compiled for (data.example_dispatch), with 1 and with several steps per
+  dispatch, including the run's last, shorter dispatch.
+- The general program (micro-batches with the embeddings' gradient cached in between) gives the
+  fast program's loss and gradient on the same real step (real weights, dropout off).
+- A real run compiles at most 2 train programs; a second run that changes only --max-steps,
+  --learning-rate and --seed compiles none: counted by the run itself (JAX's monitoring events)
+  and in the persistent compilation cache folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import REPO_ROOT
+from minilm_jax import data as data_lib, train_lib, train_step
+from minilm_jax.optimizer import split_table
+from tiny_model import write_tiny_model
+
+
+@pytest.fixture(scope="module")
+def quora_tokens(jax_model, data_dir):
+    from minilm_jax.pairs import load_pairs
+
+    pairs = load_pairs(str(data_dir / "quora_train.tsv"), unit_interval=True)
+    return data_lib.tokenize_pairs(pairs.select(np.arange(4000)), jax_model.tokenizer)
+
+
+def test_shapes_follow_from_the_options():
+    shapes = data_lib.step_shapes(16, 2, 256)
+    assert (shapes.sentences, shapes.fast_rows, shapes.fast_length) == (32, 10, 64)
+    assert (shapes.micro_rows, shapes.micro_length, shapes.micro_batches) == (3, 256, 11)
+    assert data_lib.step_shapes(16, 2, 256, tokens_per_device=1000).fast_rows == 16
+    assert data_lib.step_shapes(2, 3, 32).fast_length == 32  # rows no longer than the longest sentence
+
+
+def _structure(tree):
+    return jax.tree.map(lambda x: (np.shape(x), np.asarray(x).dtype), tree)
+
+
+@pytest.mark.parametrize("steps_per_dispatch", [1, 3])
+def test_every_dispatch_has_its_program_s_shapes(quora_tokens, steps_per_dispatch):
+    layout = data_lib.BatchLayout(16)
+    shapes = data_lib.step_shapes(16, 2, 256)
+    total = data_lib.steps_per_epoch(len(quora_tokens), 16)  # 250: a last dispatch of 1 step when K = 3
+    seen = {"fast": 0, "general": 0}
+    general = set(data_lib.general_steps(quora_tokens, layout, shapes, 42, 0, total))
+    for d in data_lib.dispatch_groups(quora_tokens, layout, shapes, 42, 0, total, steps_per_dispatch):
+        seen[d.program] += 1
+        example = data_lib.example_dispatch(shapes, 1, steps_per_dispatch, d.program)
+        assert _structure(d.arrays) == _structure(example), (d.first, d.program)
+        steps = set(range(d.first, d.first + d.n))
+        if d.program == "fast":
+            assert not steps & general
+        elif steps_per_dispatch > 1:
+            kinds = d.arrays["kind"][0]
+            assert [k for k in kinds[:d.n]] == [data_lib.GENERAL if s in general else data_lib.FAST
+                                                for s in sorted(steps)]
+            assert (kinds[d.n:] == data_lib.SKIP).all()
+        else:
+            assert steps <= general
+    assert seen["fast"] and seen["general"] and general
+    # 2-3% of Quora steps hold a sentence longer than a fast row or too many tokens.
+    assert len(general) / total < 0.1
+
+
+def test_general_program_gives_the_fast_program_s_loss_and_gradient(jax_model, quora_tokens):
+    """GradCache: micro-batches of one 256-token row each, embedded without gradient, the loss's
+    gradient w.r.t. the embeddings, then each micro-batch differentiated against it."""
+    shapes = data_lib.step_shapes(16, 2, 256, tokens_per_device=256)  # 4 fast rows; 1 row per micro-batch
+    layout = data_lib.BatchLayout(16)
+    step = next(s for s in range(200) if data_lib._fast_packing(
+        data_lib._device_sentences(quora_tokens, data_lib.batch_indices(len(quora_tokens), 16, 42, s), layout, 0),
+        data_lib.step_shapes(16, 2, 256)) is not None)
+    idx = data_lib.batch_indices(len(quora_tokens), 16, 42, step)
+    sentences = data_lib._device_sentences(quora_tokens, idx, layout, 0)
+    wide = data_lib.step_shapes(16, 2, 256)
+    batch = {**data_lib._pair_arrays(quora_tokens, idx, layout, 0),
+             "fast": data_lib.fast_rows(sentences, data_lib._fast_packing(sentences, wide), wide),
+             "general": data_lib.general_rows(sentences, shapes)}
+    assert int(batch["general"]["micro_batches"]) >= 2
+    batch = jax.tree.map(jnp.asarray, batch)
+    params = jax.tree.map(jnp.asarray, jax_model.params)
+    loss_fn = train_lib.CosineSimilarityLoss()
+    fast = jax.jit(lambda p: train_step.fast_loss_and_grads(
+        p, batch, None, spec=train_step.StepSpec(jax_model.config, loss_fn, wide), axis_name=None))
+    general = jax.jit(lambda p: train_step.general_loss_and_grads(
+        p, batch, None, spec=train_step.StepSpec(jax_model.config, loss_fn, shapes), axis_name=None))
+    loss_f, grads_f = fast(params)
+    loss_g, grads_g = general(params)
+    np.testing.assert_allclose(float(loss_g), float(loss_f), rtol=1e-6)
+    rest_f, table_f = split_table(grads_f)
+    rest_g, table_g = split_table(grads_g)
+    # Sums over all tokens (biases, LayerNorm) are added up in another order: float32 noise, which
+    # is all there is to the attention key biases (their true gradient is 0: softmax ignores them).
+    scale = max(float(np.abs(x).max()) for x in jax.tree.leaves(rest_f))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(rest_g), jax.tree.leaves(rest_f)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6 * scale,
+                                   err_msg=jax.tree_util.keystr(path))
+
+    def dense(g):
+        return np.asarray(jnp.zeros((jax_model.config.vocab_size + 1, g.values.shape[1])).at[g.rows].add(g.values))
+
+    table_f = dense(table_f)
+    np.testing.assert_allclose(dense(table_g), table_f, rtol=1e-5, atol=1e-5 * np.abs(table_f).max())
+
+
+def _cache_entries(folder) -> list[str]:
+    return sorted(name for name in os.listdir(folder) if name.startswith("jit_train_program"))
+
+
+def test_a_rerun_with_other_steps_learning_rate_and_seed_compiles_nothing(model_path, data_dir, tmp_path):
+    tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
+    cache = tmp_path / "xla"
+    train = tmp_path / "train.tsv"
+    lines = (data_dir / "quora_train.tsv").read_text(encoding="utf-8").splitlines()[:401]
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = {**os.environ, "MINILM_JAX_CACHE_DIR": str(cache),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+
+    def run(out, *extra):
+        # --packed-tokens 512 (8 rows of 64): about a third of the steps take the general program.
+        proc = subprocess.run([sys.executable, "train.py", "--model", tiny, "--train-file", train, "--output-dir",
+                               tmp_path / out, "--no-progress", "--log-every", "5", "--packed-tokens", "512", *extra],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    first = run("first", "--max-steps", "12")
+    entries = _cache_entries(cache)
+    assert first["general_steps"] > 0 and first["general_steps"] < 12
+    assert first["compiled_programs"] == 2 and first["cached_programs"] == 0
+    assert len(entries) == first["compiled_programs"]
+    assert first["compile_seconds"] > 0
+    record = [json.loads(line) for line in (tmp_path / "first" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert record["step"] == 10 and record["compiled_programs"] == first["compiled_programs"]
+
+    second = run("second", "--max-steps", "9", "--learning-rate", "3e-5", "--seed", "7")
+    assert second["compiled_programs"] == 0
+    assert second["cached_programs"] == first["compiled_programs"]
+    assert _cache_entries(cache) == entries
