@@ -118,39 +118,6 @@ def ours_memory_stats() -> dict:
     return {"peak_rss_mib": peak_rss_mib(), "gpu_peak_mib": gpu / 2**20 if gpu else None}
 
 
-def quora_step_setup(n_pairs: int = 4000, batch_size: int = 16, total_steps: int = 1000):
-    """For the step experiments: (model, tokenised first n_pairs of quora_train.tsv, schedule,
-    optimizer) with the recipe's settings, as train.py would build them."""
-    import numpy as np
-
-    import minilm_jax
-    from minilm_jax import data as data_lib, train_lib
-    from minilm_jax.pairs import Pairs
-
-    model = minilm_jax.load(default_model_path())
-    s1, s2, scores = read_pairs_tsv(default_data_dir() / "quora_train.tsv")
-    pairs = Pairs(s1[:n_pairs], s2[:n_pairs], np.asarray(scores[:n_pairs], np.float64))
-    tokens = data_lib.tokenize_pairs(pairs, model.tokenizer)
-    cfg = train_lib.TrainConfig(batch_size=batch_size, max_steps=total_steps)
-    schedule = train_lib.learning_rate_schedule(cfg, total_steps)
-    return model, tokens, schedule, train_lib.make_optimizer(cfg, schedule)
-
-
-def pmap_one_device(**step_kwargs):
-    """train_lib.train_steps under jax.pmap on one device, as train.py compiled it before it took
-    plain jit on one device: (step_fn, place_state). For the experiments that compare the two."""
-    import functools
-
-    import jax
-    from flax import jax_utils
-
-    from minilm_jax import train_lib
-
-    step_fn = jax.pmap(functools.partial(train_lib.train_steps, **step_kwargs), axis_name=train_lib.AXIS,
-                       in_axes=(0, 0, None), donate_argnums=(0,))
-    return step_fn, lambda state: jax_utils.replicate(state, axis_name=train_lib.AXIS)
-
-
 def add_run_options(p, torch_group=None) -> None:
     """The options every side-by-side benchmark shares: torch's device and threads (in `torch_group`
     when given), our compile cache, CPU pinning, output files and the hidden worker switch."""

@@ -5,11 +5,12 @@ with the same recipe, on the same Quora pairs in the same order.
     .venv/bin/python bench/train.py                         # batch 16 (the recipe) and 64, 30 timed steps
     .venv/bin/python bench/train.py --batch-sizes 16 --steps-per-dispatch 16 --steps 32
 
-Ours: train_lib.compiled_train_steps on one device (plain jit, as train.py runs it) with the real weights, dropout on, batches from
-data.dispatch_groups (sentences packed several to a row) through data.prefetch, and the metrics
-of each dispatch fetched while the next one runs, as train.py's loop does. Before timing, the same
-groups are run once so that every packed shape is compiled; that warm pass is reported apart
-(compile ~= warm pass - steady pass).
+Ours: train_step.step_program on one device (plain jit, as train.py runs it: the fast and the general
+program) with the real weights, dropout on, batches from data.dispatch_groups (sentences packed
+several to a row in the two fixed shapes) through data.prefetch, and the metrics of each dispatch
+fetched while the next one runs, as train.py's loop does. Before timing, the same groups are run
+once so that both programs are compiled; that warm pass is reported apart (compile ~= warm pass -
+steady pass).
 
 Theirs: SentenceTransformer in train mode, losses.CosineSimilarityLoss, torch.optim.AdamW(lr 5e-5,
 weight_decay 0, fused as transformers' Trainer picks for torch>=2.8), get_linear_schedule_with_warmup
@@ -69,12 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
                    "(a no-op on CPU; the model itself asks for HIGHEST on float32 matmuls) (default: %(default)s)")
     g.add_argument("--no-dropout", dest="dropout", action="store_false",
                    help="dropout off on both sides (default: on, 0.1, as the recipe)")
-    g.add_argument("--one-shape", action="store_true",
-                   help="pad every dispatch to the largest packed shape of the timed steps, so one program is "
-                   "compiled (for GPUs, where each compile is slow and the step is overhead-bound)")
-    g.add_argument("--ours-step", choices=["train.py", "pmap"], default="train.py",
-                   help="train.py: train_lib.compiled_train_steps on one device (plain jit), what train.py runs; pmap: "
-                   "an experiment, the same train_steps under jax.pmap on the one device (default: %(default)s)")
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="pack batches in the loop's own thread instead of train.py's background thread")
     g = p.add_argument_group("sentence-transformers")
@@ -88,24 +83,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- ours
-
-def pad_group(arrays: dict, rows: int, length: int) -> dict:
-    """Pad packed arrays [devices, steps, R, P] to [devices, steps, rows, length] with padding tokens
-    (segment 0, slot 2b: attended by nothing, pooled nowhere), as make_batch pads its own rows."""
-    import numpy as np
-
-    R, P = arrays["ids"].shape[-2:]
-    if (R, P) == (rows, length):
-        return arrays
-    b = arrays["labels"].shape[-1]
-    out = dict(arrays)
-    for key, fill in (("ids", 0), ("positions", 0), ("segments", 0), ("slots", 2 * b)):
-        a = arrays[key]
-        padded = np.full(a.shape[:-2] + (rows, length), fill, a.dtype)
-        padded[..., :R, :P] = a
-        out[key] = padded
-    return out
-
 
 def ours_worker(args) -> None:
     state: dict = {}
@@ -140,92 +117,98 @@ def ours_worker(args) -> None:
     def _groups(batch_size: int):
         data_lib = state["data_lib"]
         layout = data_lib.BatchLayout(batch_size, 1, 1, 0)
-        gen = data_lib.dispatch_groups(state["tokens"], layout, SEED, 0, args.steps, args.steps_per_dispatch)
-        if state.get("one_shape"):
-            rows, length = state["one_shape"]
-            gen = ((first, n, pad_group(arrays, rows, length)) for first, n, arrays in gen)
-        return gen
+        return data_lib.dispatch_groups(state["tokens"], layout, state["spec"].shapes, SEED, 0, args.steps,
+                                        args.steps_per_dispatch)
 
     def prepare(batch_size: int) -> dict:
-        jax, np = state["jax"], state["np"]
-        from minilm_jax import train_lib
+        jax, np, data_lib = state["jax"], state["np"], state["data_lib"]
+        from minilm_jax import train_lib, train_step
 
         model = state["model"]
         cfg = train_lib.TrainConfig(batch_size=batch_size, dtype=args.dtype, dropout=args.dropout,
                                     steps_per_dispatch=args.steps_per_dispatch, max_steps=args.steps)
-        schedule = train_lib.learning_rate_schedule(cfg, args.steps)
-        tx = train_lib.make_optimizer(cfg, schedule)
+        tx = train_lib.make_optimizer(cfg)
+        spec = train_lib.step_spec(cfg, model, 1)
         state.pop("p_state", None)
-        kw = dict(config=model.config, tx=tx, schedule=schedule, dtype_name=args.dtype, dropout=args.dropout)
-        if args.ours_step == "train.py":  # one device: plain jit, as train.py compiles it
-            step_fn = train_lib.compiled_train_steps(1, **kw)
-            p_state = train_lib.to_devices(train_lib.init_state(model.params, tx), 1)
-        else:  # the experiment: the same train_steps under pmap on the one device (what train.py ran before)
-            step_fn, place = common.pmap_one_device(**kw)
-            p_state = place(train_lib.init_state(model.params, tx))
-        state.update(step_fn=step_fn, rng=jax.random.PRNGKey(SEED), one_shape=None)
+        p_state = train_step.to_devices(train_step.init_state(model.params, tx), 1)
+        programs = {p: train_step.step_program(spec, p, 1) for p in train_step.PROGRAMS}
+        state.update(programs=programs, spec=spec, rng=jax.random.PRNGKey(SEED), tx=tx.as_inputs(),
+                     rates=train_lib.learning_rates(cfg, args.steps))
         # The work per step, from the packed groups (packing itself is timed here too).
         t0 = common.now()
         groups = list(_groups(batch_size))
         pack_s = common.now() - t0
-        shapes = sorted({g[2]["ids"].shape[-2:] for g in groups})
-        if args.one_shape:
-            state["one_shape"] = (max(s[0] for s in shapes), max(s[1] for s in shapes))
-            groups = list(_groups(batch_size))
         real = packed = useful = executed = 0.0
-        for _, n, arrays in groups:
-            R, P = arrays["ids"].shape[-2:]
-            for k in range(n):
-                seg = arrays["segments"][0, k]
-                lengths = np.bincount((arrays["slots"][0, k][seg > 0]).ravel())
-                lengths = lengths[lengths > 0]
-                real += lengths.sum()
-                useful += sum(forward_flops(x, x) for x in lengths)
-                packed += R * P
-                executed += forward_flops(R * P, P)
+        shapes = spec.shapes
+        for d in groups:
+            for k in range(d.n):
+                layouts = []
+                if "fast" in d.arrays and (d.program == "fast" or d.arrays["kind"][0, k] == data_lib.FAST):
+                    layouts = [{key: d.arrays["fast"][key][0, k] for key in ("segments", "slots")}]
+                    packed += shapes.fast_rows * shapes.fast_length
+                    executed += forward_flops(shapes.fast_rows * shapes.fast_length, shapes.fast_length)
+                else:  # general: the used micro-batches, each run forward twice (GradCache)
+                    g = d.arrays["general"]
+                    used = int(g["micro_batches"][0, k])
+                    layouts = [{key: g[key][0, k, m] for key in ("segments", "slots")} for m in range(used)]
+                    tokens = used * shapes.micro_rows * shapes.micro_length
+                    packed += tokens
+                    executed += forward_flops(tokens, shapes.micro_length) * 4 / 3
+                for lay in layouts:
+                    lengths = np.bincount(lay["slots"][lay["segments"] > 0].ravel())
+                    lengths = lengths[lengths > 0]
+                    real += lengths.sum()
+                    useful += sum(forward_flops(x, x) for x in lengths)
         steps = args.steps
-        # Warm pass: the same groups as the timed passes, each synced, so every shape is compiled.
+        # Warm pass: the same groups as the timed passes, each synced, so both programs are compiled.
         times = []
         t_all = common.now()
-        for _, _, arrays in groups:
-            t0 = common.now()
-            p_state, metrics = step_fn(p_state, arrays, state["rng"])
-            jax.block_until_ready(metrics)
-            times.append(common.now() - t0)
+        p_state = _run_groups(groups, p_state, sync=True, times=times)[0]
         warm_s = common.now() - t_all
-        loss = float(np.reshape(jax.device_get(metrics["loss"]), -1)[-1])
         state["p_state"] = p_state
-        try:
-            programs = step_fn._cache_size()
-        except AttributeError:
-            programs = None
-        return {"first_s": times[0], "warm_s": warm_s, "pack_s": pack_s, "shapes": [list(map(int, s)) for s in shapes],
-                "one_shape": state["one_shape"], "programs": programs, "loss": loss,
+        programs_used = sorted({d.program for d in groups})
+        return {"first_s": times[0], "warm_s": warm_s, "pack_s": pack_s,
+                "shapes": [[shapes.fast_rows, shapes.fast_length],
+                           [shapes.micro_batches, shapes.micro_rows, shapes.micro_length]],
+                "programs": programs_used, "loss": state.pop("last_loss"),
+                "general_steps": sum(d.n for d in groups if d.program == "general"),
                 "real_tokens": real / steps, "work_tokens": packed / steps,
                 "useful_gflop": 3 * useful / steps / 1e9, "executed_gflop": 3 * executed / steps / 1e9}
 
+    def _run_groups(groups, p_state, sync=False, times=None):
+        jax, np = state["jax"], state["np"]
+        from minilm_jax import train_lib
+
+        pending = None
+        losses = []
+        for d in groups:
+            t0 = common.now()
+            p_state, metrics = state["programs"][d.program](
+                p_state, train_lib.with_learning_rates(d, state["rates"], args.steps_per_dispatch), state["rng"],
+                state["tx"])
+            if sync:
+                jax.block_until_ready(metrics)
+                times.append(common.now() - t0)
+            if pending is not None:
+                losses.append(jax.device_get(pending["loss"])[0, :pending["n"]])  # as train.py settles it
+            pending = {"loss": metrics["loss"], "n": d.n}
+        losses.append(jax.device_get(pending["loss"])[0, :pending["n"]])
+        state["last_loss"] = float(losses[-1][-1])
+        return p_state, np.concatenate(losses)
+
     def run(batch_size: int) -> dict:
-        jax = state["jax"]
+        np = state["np"]
         data_lib = state["data_lib"]
-        step_fn, rng, p_state = state["step_fn"], state["rng"], state.pop("p_state")
+        p_state = state.pop("p_state")
         t0 = common.now()
         groups = _groups(batch_size)
         if args.prefetch:
             groups = data_lib.prefetch(groups)
-        pending = None
-        losses = []
-        for _, _, arrays in groups:
-            p_state, metrics = step_fn(p_state, arrays, rng)
-            if pending is not None:
-                losses.append(jax.device_get(pending)["loss"])  # the previous dispatch, as train.py settles it
-            pending = metrics
-        losses.append(jax.device_get(pending)["loss"])
+        p_state, losses = _run_groups(groups, p_state)
         seconds = common.now() - t0
         state["p_state"] = p_state
-        np = state["np"]
-        finite = all(bool(np.isfinite(x).all()) for x in losses)
-        return {"seconds": seconds, "loss": float(np.mean(np.concatenate([np.reshape(x, -1) for x in losses]))),
-                "finite": finite}
+        state.pop("last_loss", None)
+        return {"seconds": seconds, "loss": float(np.mean(losses)), "finite": bool(np.isfinite(losses).all())}
 
     common.serve({"setup": setup, "prepare": prepare, "run": run, "stats": common.ours_memory_stats})
 
@@ -380,8 +363,7 @@ def main(argv=None) -> int:
     given = sys.argv[1:] if argv is None else argv
     names = ["ours", "st"] if args.which == "both" else [args.which]
     k = args.steps_per_dispatch
-    labels = {"ours": f"minilm_jax ({args.dtype}{', K=' + str(k) if k > 1 else ''}"
-                      f"{', pmap on 1 device' if args.ours_step == 'pmap' else ''})",
+    labels = {"ours": f"minilm_jax ({args.dtype}{', K=' + str(k) if k > 1 else ''})",
               "st": f"sentence-transformers ({'fp32' if args.st_amp == 'none' else 'autocast ' + args.st_amp})"}
     worker_argv = [str(Path(__file__).resolve()), *given, "--model", args.model]
     env = {"XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false")}
@@ -461,9 +443,8 @@ def main(argv=None) -> int:
         for name in names:
             prep = results[name][bs]["prepare"]
             med = common.median([x["seconds"] for x in results[name][bs]["runs"]]) / args.steps
-            shape = ("packed " + ", ".join(f"{r}x{c}" for r, c in prep["shapes"])
-                     + (f" -> one shape {prep['one_shape'][0]}x{prep['one_shape'][1]}" if prep["one_shape"] else "")
-                     if name == "ours" else "each side padded to its longest")
+            shape = (f"packed {'x'.join(map(str, prep['shapes'][0]))}, {prep['general_steps']} steps as micro-batches "
+                     f"{'x'.join(map(str, prep['shapes'][1]))}" if name == "ours" else "each side padded to its longest")
             tok_rows.append([labels[name], bs, f"{prep['real_tokens']:.0f}", f"{prep['work_tokens']:.0f}",
                              f"{prep['work_tokens'] / prep['real_tokens']:.2f}", f"{prep['useful_gflop']:.1f}",
                              f"{prep['executed_gflop']:.1f}", f"{prep['useful_gflop'] / med:.0f}",
