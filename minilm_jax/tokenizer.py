@@ -33,7 +33,9 @@ def bucket_length(n_tokens: int, buckets: Sequence[int]) -> int:
 
 
 def check_sentences(sentences, what: str = "sentences") -> list[str]:
-    """A list of str, or a clear error naming the first item that is not one."""
+    """A list of str that the tokenizer can take, or a clear error naming the first item that is not:
+    a non-string, or a string that is not encodable as UTF-8 (a lone surrogate such as "\\ud800",
+    which tokenizers would reject with an error that names no sentence)."""
     if isinstance(sentences, (str, bytes)):
         raise UserError(f"{what} must be a list of strings, got a single {type(sentences).__name__}")
     try:
@@ -44,6 +46,14 @@ def check_sentences(sentences, what: str = "sentences") -> list[str]:
         if not isinstance(s, str):
             hint = " (decode bytes with .decode('utf-8'))" if isinstance(s, (bytes, bytearray)) else ""
             raise UserError(f"{what}[{i}] is {type(s).__name__} {s!r:.40}, not a string; pass only str items{hint}")
+        if not s.isascii():
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise UserError(f"{what}[{i}] is not valid Unicode text: it holds the lone surrogate "
+                                f"{s[e.start]!r} at character {e.start} (text decoded with errors='surrogateescape' "
+                                "or a broken surrogate pair); decode the source properly or remove the character"
+                                ) from None
     return items
 
 

@@ -3,12 +3,20 @@ per session, the real data files, and a helper to run the command lines as subpr
 
 Everything runs offline: the hub and datasets are told so, and HF_HOME points at a temporary
 folder so that nothing is written to ~/.cache.
+
+The real data (`data_dir`) is found as tests/data_sources.py describes: ../shared/data, else
+$MINILM_JAX_TEST_DATA, else a cache of the public datasets fetched from the hub (in a separate
+process with the environment pytest was started with). With none of them every test that needs
+the data is skipped with one line starting `data: `; tests that check figures of the shared files
+also take `shared_data_figures`. With $MINILM_JAX_DATA_SKIPS set, the session writes every such
+skip (node id and reason, one a line) to that file, which `.ci/run` checks.
 """
 
 from __future__ import annotations
 
 import atexit
 import csv
+import functools
 import os
 import shutil
 import subprocess
@@ -16,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+# The environment the user started pytest with: the hub fetch of the test data runs with it.
+_USER_ENV = dict(os.environ)
 # Before anything imports transformers, datasets or huggingface_hub.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
@@ -32,8 +42,9 @@ atexit.register(shutil.rmtree, _HF_HOME, ignore_errors=True)
 
 import pytest  # noqa: E402
 
+from data_sources import SHARED_DATA_DIR, SKIP_PREFIX, DataConfigError, fetch_in_subprocess, find_data, skip_reason  # noqa: E402
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = (Path(__file__).parents[1] / "../shared/data").resolve()
 if str(REPO_ROOT) not in sys.path:  # the package when the tests run from a checkout without `pip install -e`
     sys.path.insert(0, str(REPO_ROOT))
 
@@ -90,11 +101,50 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+@functools.cache
+def data_source():
+    """Where the real data is (tests/data_sources.py: find_data), looked up once per session."""
+    return find_data(SHARED_DATA_DIR, _USER_ENV, fetch_in_subprocess(_USER_ENV))
+
+
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    if not DATA_DIR.is_dir():
-        pytest.fail(f"the data folder {DATA_DIR} is missing; the tests need the real data in ../shared/data")
-    return DATA_DIR
+    """The folder with stsb_train.tsv, stsb_dev.tsv, quora_train.tsv and quora_dev.tsv; skips the test
+    when there is none, fails when a named data folder is unusable."""
+    try:
+        source = data_source()
+    except DataConfigError as e:
+        pytest.fail(f"test data: {e}", pytrace=False)
+    if source.path is None:
+        pytest.skip(skip_reason(source))
+    return source.path
+
+
+@pytest.fixture(scope="session")
+def shared_data_figures(data_dir) -> None:
+    """For a test that asserts a figure of the shared files (a row count, a reference metric): skips
+    it when the data in use are other files, e.g. the copies fetched from the hub."""
+    source = data_source()
+    if not source.is_shared_copy():
+        pytest.skip(f"{SKIP_PREFIX}this test checks figures of the ../shared/data files; the data in use "
+                    f"({source.detail}) are other files")
+
+
+_DATA_SKIPS: list[str] = []
+
+
+def pytest_runtest_logreport(report):
+    """Record the tests skipped for want of data (for .ci/run, through $MINILM_JAX_DATA_SKIPS)."""
+    if report.skipped and isinstance(report.longrepr, tuple) and str(report.longrepr[2]).startswith(
+            ("Skipped: " + SKIP_PREFIX, SKIP_PREFIX)):
+        _DATA_SKIPS.append(f"{report.nodeid}: {str(report.longrepr[2]).removeprefix('Skipped: ')}")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = _USER_ENV.get("MINILM_JAX_DATA_SKIPS")
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(line + "\n" for line in _DATA_SKIPS)
 
 
 @pytest.fixture(scope="session")

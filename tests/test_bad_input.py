@@ -7,7 +7,7 @@ folder absent or unchanged, and no `.NAME.tmp-*` / `.NAME.old-*` folder beside i
 
 The converters run as subprocesses (`run_cli`). evaluate.py and train.py mostly run in-process
 (`main(argv)`, with the process's stdout/stderr captured at the file-descriptor level), so that
-the 58 cases fit in about a minute and a half; a few of their cases run as real subprocesses too.
+the cases fit in about a minute and a half; a few of their cases run as real subprocesses too.
 
 A read-only folder and a full disk are real: the command runs in a private mount namespace
 (`unshare -m`, root) under a read-only bind mount or a 200 KiB tmpfs, which vanish with it
@@ -412,6 +412,43 @@ def _bin_beyond_storage(ctx) -> Path:
     return folder
 
 
+# -- weights with a NaN or an infinity
+
+BAD_TENSOR = {"st": "encoder.layer.1.attention.self.query.weight", "jax": "encoder/layer_1/attention/query/kernel"}
+
+
+def _nonfinite(ctx, kind: str = "st", value: float = float("nan"), where=(3, 5)) -> Path:
+    """A copy of the tiny model with one weight set to `value` (in its own file's tensor names)."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = ctx.model(kind)
+    path = folder / ("model.safetensors" if kind == "st" else "params.safetensors")
+    state = load_file(str(path))
+    state[BAD_TENSOR[kind]][where] = value
+    save_file(state, str(path), metadata={"format": "pt" if kind == "st" else "minilm-jax"})
+    return folder
+
+
+def _nonfinite_bin(ctx) -> Path:
+    """The same, as a pytorch_model.bin (torch's zip layout, written by hand): an infinity."""
+    from safetensors.numpy import load_file
+
+    folder = ctx.model(drop=("model.safetensors",))
+    state = load_file(str(Path(ctx.res.tiny) / "model.safetensors"))
+    state.pop("embeddings.position_ids", None)  # an int64 buffer; the hand-written pickle holds floats
+    state[BAD_TENSOR["st"]][0, 1] = -np.inf
+    entries, storages = {}, {}
+    for i, (name, array) in enumerate(state.items()):
+        strides = tuple(int(np.prod(array.shape[d + 1:])) for d in range(array.ndim))
+        entries[name] = (str(i), 0, tuple(array.shape), strides)
+        storages[str(i)] = np.ascontiguousarray(array, np.float32).tobytes()
+    write_torch_zip(folder / "pytorch_model.bin", tensor_pickle(entries), storages)
+    return folder
+
+
+NAN_AT = (BAD_TENSOR["st"], "has 1 non-finite value(s) (first: nan at index [3, 5])", "use a good copy of the model")
+
+
 def _not_pwned(ctx, proc=None):
     assert not (ctx.tmp / "pwned").exists(), "pickled code ran"
 
@@ -480,6 +517,14 @@ CASES = [
          error=(1, "batch_size must be a positive integer, got 0")),
     Case("encode-batch-larger-than-data", "encode", lambda ctx: encode_with(ctx, [r[0] for r in ROWS], batch_size=1000),
          check=_check_same_as_batch_1),
+    Case("encode-lone-surrogate", "encode", lambda ctx: encode_with(ctx, ["fine", "caf\udce9 au lait"]),
+         error=(1, "sentences[1] is not valid Unicode text", "lone surrogate '\\udce9' at character 3",
+                "decode the source properly")),
+    Case("tokenize-lone-surrogate", "encode",
+         lambda ctx: __import__("minilm_jax").tokenize(__import__("minilm_jax").load(ctx.res.tiny), ["\ud800", "ok"]),
+         error=(1, "sentences[0] is not valid Unicode text", "lone surrogate '\\ud800' at character 0")),
+    Case("encode-nan-weight", "encode", lambda ctx: encode_with(ctx, ["a"], model=str(_nonfinite(ctx))),
+         error=(1, "model.safetensors: tensor", *NAN_AT)),
 
     # --- evaluate.py: pairs files (in-process, three as subprocesses)
     Case("evaluate-empty-file", "evaluate.py", _eval(lambda ctx: ctx.file("p.tsv", "")),
@@ -529,6 +574,9 @@ CASES = [
     Case("evaluate-model-truncated-safetensors", "evaluate.py",
          lambda ctx: ["--model", _truncated(ctx), "--pairs", ctx.tsv()],
          error=(1, "model.safetensors is truncated or corrupt", "re-download or re-export")),
+    Case("evaluate-model-with-infinite-weight", "evaluate.py",
+         lambda ctx: ["--model", _nonfinite(ctx, value=float("inf")), "--pairs", ctx.tsv()],
+         error=(1, BAD_TENSOR["st"], "first: inf at index [3, 5]")),
 
     # --- train.py (in-process, two as subprocesses)
     Case("train-dataset-and-train-file", "train.py", _train(lambda ctx: ctx.tsv(), "--dataset", "some/dataset"),
@@ -549,6 +597,8 @@ CASES = [
          _train(model=lambda ctx: _with_config(ctx, num_hidden_layers=7)),
          error=(1, "config.json has num_hidden_layers 7 but the weights hold 2 layers"), watch=_run_dir,
          note=PATCH),
+    Case("train-model-with-nan-weight", "train.py", _train(model=_nonfinite),
+         error=(1, *NAN_AT), watch=_run_dir),
     Case("train-output-dir-not-empty-not-a-run", "train.py", _non_run_folder,
          error=(1, "is not empty and holds no training run", "choose a new or empty folder"), watch=_run_dir, note=PATCH),
     Case("train-output-dir-is-a-model-folder", "train.py", _model_folder_as_run,
@@ -573,6 +623,9 @@ CASES = [
     Case("from-st-config-disagrees-with-weights", "from_st",
          _converter(lambda ctx: _with_config(ctx, num_hidden_layers=7)),
          error=(1, "config.json has num_hidden_layers 7 but the weights hold 2 layers", "fix config.json"), watch=_out),
+    Case("from-st-nan-weight", "from_st", _converter(_nonfinite), error=(1, *NAN_AT), watch=_out),
+    Case("from-st-infinite-weight-in-pytorch-bin", "from_st", _converter(_nonfinite_bin),
+         error=(1, "pytorch_model.bin: tensor", BAD_TENSOR["st"], "first: -inf at index [0, 1]"), watch=_out),
     Case("from-st-pickled-code-in-bin", "from_st", _converter(_malicious_bin_only),
          error=(1, "contains pickled code (posix.system)", "refusing to load it", "model.safetensors"),
          watch=_out, check=_not_pwned),
@@ -593,6 +646,8 @@ CASES = [
          error=(1, "afile is a file, not a folder", "choose another output path")),
     Case("to-st-given-a-sentence-transformers-folder", "to_st", _converter(lambda ctx: ctx.res.tiny),
          error=(2, "is a sentence-transformers folder", "use the other converter"), watch=_out),
+    Case("to-st-nan-param", "to_st", _converter(lambda ctx: _nonfinite(ctx, "jax")),
+         error=(1, "params.safetensors: tensor", BAD_TENSOR["jax"], "first: nan at index [3, 5]"), watch=_out),
     Case("to-st-truncated-params", "to_st", _converter(lambda ctx: _truncated(ctx, "jax")),
          error=(1, "params.safetensors is truncated or corrupt"), watch=_out),
     Case("to-st-missing-out-argument", "to_st", lambda ctx: [ctx.res.tiny_jax],

