@@ -149,3 +149,34 @@ def test_a_rerun_with_other_steps_learning_rate_and_seed_compiles_nothing(model_
     assert second["compiled_programs"] == 0
     assert second["cached_programs"] == first["compiled_programs"]
     assert _cache_entries(cache) == entries
+
+
+def test_several_steps_per_dispatch_train_as_one(model_path, data_dir, tmp_path):
+    """--steps-per-dispatch 3 over 10 steps: dispatches of fast steps, of mixed steps (each run in
+    the shape it fits, under lax.switch) and a last one padded with steps that change nothing.
+    The same losses and weights as one step per dispatch."""
+    from safetensors.numpy import load_file
+
+    tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
+    train = tmp_path / "train.tsv"
+    lines = (data_dir / "quora_train.tsv").read_text(encoding="utf-8").splitlines()[:401]
+    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", ""))
+                                                       if p)}
+    runs = {}
+    for k in (1, 3):
+        out = tmp_path / f"k{k}"
+        proc = subprocess.run([sys.executable, "train.py", "--model", tiny, "--train-file", train, "--output-dir", out,
+                               "--no-progress", "--log-every", "1", "--packed-tokens", "512", "--max-steps", "10",
+                               "--steps-per-dispatch", str(k), "--checkpoint-every", "9"],
+                              cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        final = json.loads(proc.stdout.strip().splitlines()[-1])
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        runs[k] = (final, [r["loss"] for r in records if "loss" in r], load_file(str(out / "model" / "model.safetensors")))
+    (final1, losses1, weights1), (final3, losses3, weights3) = runs[1], runs[3]
+    assert 0 < final1["general_steps"] == final3["general_steps"] < 10
+    assert len(losses1) == len(losses3) == 10
+    np.testing.assert_allclose(losses3, losses1, rtol=1e-5)
+    for name, w in weights1.items():
+        np.testing.assert_allclose(weights3[name], w, rtol=1e-4, atol=1e-6, err_msg=name)
