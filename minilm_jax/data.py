@@ -16,6 +16,7 @@ the data, so the train step compiles before the data is read and at most twice p
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import math
@@ -86,6 +87,63 @@ def batch_indices(n_pairs: int, batch_size: int, seed: int, step: int) -> np.nda
     """Indices of the pairs of global step `step` (0-based)."""
     epoch, i = divmod(step, steps_per_epoch(n_pairs, batch_size))
     return epoch_permutation(n_pairs, seed, epoch)[i * batch_size:(i + 1) * batch_size]
+
+
+class BatchPlan:
+    """Which rows every step takes, a pure function of (seed, step), and where the epochs end.
+
+    Shuffled: each epoch is a permutation from (seed, epoch) cut into consecutive batches
+    (batch_indices). No duplicates (`text_ids` given; sampler.no_duplicates_batches,
+    sentence-transformers' NO_DUPLICATES): no batch holds a text twice, across all its columns.
+    Such an epoch can have more batches than ceil(rows / batch) when texts repeat, so its length is
+    known once it is drawn; epochs are drawn as steps reach them.
+    """
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, text_ids: np.ndarray | None = None):
+        self.n_rows, self.batch_size, self.seed = n_rows, batch_size, seed
+        self._text_ids = text_ids
+        self._epochs: list = []  # per epoch: its batches (no duplicates), or None (shuffled)
+        self._starts = [0]  # first step of each epoch drawn so far, and the end of the last one
+
+    def _draw(self) -> None:
+        if self._text_ids is None:
+            self._epochs.append(None)
+            self._starts.append(self._starts[-1] + steps_per_epoch(self.n_rows, self.batch_size))
+        else:
+            from minilm_jax.sampler import no_duplicates_batches
+
+            batches = no_duplicates_batches(self._text_ids, self.batch_size, self.seed, len(self._epochs))
+            self._epochs.append(batches)
+            self._starts.append(self._starts[-1] + len(batches))
+
+    def epoch_start(self, epoch: int) -> int:
+        """The first step of `epoch` (= the steps of all epochs before it)."""
+        while len(self._starts) <= epoch:
+            self._draw()
+        return self._starts[epoch]
+
+    def _locate(self, step: int) -> tuple[int, int]:
+        while self._starts[-1] <= step:
+            self._draw()
+        epoch = bisect.bisect_right(self._starts, step) - 1
+        return epoch, step - self._starts[epoch]
+
+    def indices(self, step: int) -> np.ndarray:
+        """The rows of global step `step` (0-based)."""
+        epoch, i = self._locate(step)
+        if self._epochs[epoch] is None:
+            return batch_indices(self.n_rows, self.batch_size, self.seed, step)
+        return self._epochs[epoch][i]
+
+    def epoch_of(self, steps_done: int) -> float:
+        """Epochs completed after `steps_done` steps, fractional within an epoch."""
+        epoch, i = self._locate(steps_done)
+        return epoch + i / (self._starts[epoch + 1] - self._starts[epoch])
+
+    def ends_epoch(self, first: int, n: int) -> bool:
+        """Whether steps [first, first + n) finish an epoch."""
+        self._locate(first + n)
+        return any(first < end <= first + n for end in self._starts[1:])
 
 
 # ----------------------------------------------------------------------------- the two packed shapes
@@ -259,20 +317,21 @@ def _step_arrays(pair_arrays: dict, kind: int, sentences: list, packing, shapes:
     return arrays
 
 
-def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, seed: int, start_step: int,
-                    end_step: int, steps_per_dispatch: int = 1) -> Iterator[Dispatch]:
+def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, plan: BatchPlan | int,
+                    start_step: int, end_step: int, steps_per_dispatch: int = 1) -> Iterator[Dispatch]:
     """The Dispatches for steps [start_step, end_step), `steps_per_dispatch` at a time.
 
     Every host must run the same program, so whether a step fits the fast shape is decided over the
     devices of the whole global batch (a short last batch can leave a device with no pairs at all).
+    `plan`: a BatchPlan, or a seed for the shuffled plan.
     """
-    n = len(data)
+    plan = _as_plan(plan, data, layout)
     mine = range(layout.first_device, layout.first_device + layout.local_devices)
     for first in range(start_step, end_step, steps_per_dispatch):
         steps = range(first, min(first + steps_per_dispatch, end_step))
         per_step = []  # (indices, every device's sentences, every device's fast rows or None)
         for s in steps:
-            idx = batch_indices(n, layout.batch_size, seed, s)
+            idx = plan.indices(s)
             sentences = [_device_sentences(data, idx, layout, d) for d in range(layout.global_devices)]
             packings = [_fast_packing(x, shapes) for x in sentences]
             per_step.append((idx, sentences, None if any(p is None for p in packings) else packings))
@@ -296,18 +355,22 @@ def example_dispatch(shapes: StepShapes, local_devices: int, steps_per_dispatch:
     return _stack([_stack([step] * steps_per_dispatch)] * local_devices)
 
 
-def general_steps(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, seed: int, start_step: int,
-                  end_step: int) -> list[int]:
+def general_steps(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, plan: BatchPlan | int,
+                  start_step: int, end_step: int) -> list[int]:
     """The steps of [start_step, end_step) that do not fit the fast shape (on some device of the
     global batch), found without building any arrays."""
-    n = len(data)
+    plan = _as_plan(plan, data, layout)
     out = []
     for s in range(start_step, end_step):
-        idx = batch_indices(n, layout.batch_size, seed, s)
+        idx = plan.indices(s)
         if any(_fast_packing(_device_sentences(data, idx, layout, d), shapes) is None
                for d in range(layout.global_devices)):
             out.append(s)
     return out
+
+
+def _as_plan(plan: BatchPlan | int, data: TokenizedPairs, layout: BatchLayout) -> BatchPlan:
+    return plan if isinstance(plan, BatchPlan) else BatchPlan(len(data), layout.batch_size, plan)
 
 
 def _empty_pair_arrays(shapes: StepShapes) -> dict:

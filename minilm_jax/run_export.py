@@ -29,7 +29,7 @@ def token_stats(ids: list) -> dict:
 
 
 def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: dict, total_steps: int,
-            per_epoch: int, n_devices: int) -> None:
+               n_devices: int) -> None:
     from minilm_jax.model_card import render_model_card
     from minilm_jax.plot import plot_training
 

@@ -283,8 +283,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
             if stale.is_file():
                 stale.unlink()
     train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
-    per_epoch = data_lib.steps_per_epoch(len(train_tokens), cfg.batch_size)
-    total_steps = cfg.max_steps or cfg.epochs * per_epoch
+    plan = data_lib.BatchPlan(len(train_tokens), cfg.batch_size, cfg.seed)
+    total_steps = cfg.max_steps or plan.epoch_start(cfg.epochs)
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
 
@@ -299,7 +299,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
     shapes = programs.spec.shapes
-    general = data_lib.general_steps(train_tokens, layout, shapes, cfg.seed, start_step, total_steps)
+    general = data_lib.general_steps(train_tokens, layout, shapes, plan, start_step, total_steps)
     if general or (total_steps - start_step) % cfg.steps_per_dispatch:
         programs.prepare("general")  # compiled while the first fast steps run
     rng = jax.random.PRNGKey(cfg.seed)
@@ -317,7 +317,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main,
                   programs.compiler)
     groups = data_lib.prefetch(data_lib.dispatch_groups(
-        train_tokens, layout, shapes, cfg.seed, start_step, total_steps, cfg.steps_per_dispatch))
+        train_tokens, layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
     last_eval: dict = {}  # {step: metrics} of the latest evaluation, reused as the final one
 
@@ -333,7 +333,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                     f"{float(host['grad_norm'][0, k])}); stopped, last good checkpoint: step "
                     f"{checkpoints.latest_step()} in {out / 'checkpoints'}; lower --learning-rate or check the data")
             log.step(step, float(host["loss"][0, k]), float(host["learning_rate"][0, k]),
-                     float(host["grad_norm"][0, k]), step / per_epoch)
+                     float(host["grad_norm"][0, k]), plan.epoch_of(step))
 
     def crosses(first: int, n: int, every: int) -> bool:
         return every > 0 and (first + n) // every > first // every
@@ -353,14 +353,14 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 settle(pending)  # the previous dispatch's metrics, fetched while this one runs
             pending = (first, n, metrics)
             end = first + n
-            epoch_end = crosses(first, n, per_epoch) or end == total_steps
+            epoch_end = plan.ends_epoch(first, n) or end == total_steps
             if crosses(first, n, cfg.eval_every) or epoch_end or crosses(first, n, cfg.checkpoint_every):
                 settle(pending)
                 pending = None
                 log.pause()
                 if crosses(first, n, cfg.eval_every) or epoch_end:
                     last_eval = {end: evaluate(from_devices(p_state.params, n_global))}
-                    log.eval(end, end / per_epoch, last_eval[end])
+                    log.eval(end, plan.epoch_of(end), last_eval[end])
                 if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
                     checkpoints.save(from_devices(p_state, n_global))
                 log.resume()
@@ -375,7 +375,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
     if is_main:
         export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
-                   per_epoch, n_global)
+                   n_global)
     checkpoints.close()
     return {**{k.removeprefix("eval_"): v for k, v in final_eval.items()}, **run_report}
 
