@@ -31,6 +31,21 @@ def pairwise_similarity(fn: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     raise UserError(f"unknown similarity function {fn!r}; use one of {', '.join(SIMILARITY_FNS)}")
 
 
+MATRIX_SIMILARITY_FNS = ("cosine", "dot")
+
+
+def similarity_matrix(fn: str, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """[N, M] scores of every row of `a` against every row of `b` in float32, as
+    sentence_transformers.util.cos_sim / dot_score compute them (cosine normalises both sides first)."""
+    a = np.asarray(a, dtype=np.float32)
+    b = np.asarray(b, dtype=np.float32)
+    if fn == "cosine":
+        return _unit(a) @ _unit(b).T
+    if fn == "dot":
+        return a @ b.T
+    raise UserError(f"unknown similarity function {fn!r} for a score matrix; use one of {', '.join(MATRIX_SIMILARITY_FNS)}")
+
+
 def similarity_correlations(emb1: np.ndarray, emb2: np.ndarray, gold, fns=("cosine",)) -> dict[str, float]:
     """{'pearson_cosine': ..., 'spearman_cosine': ..., ...} for each similarity function."""
     gold = [float(s) for s in gold]
