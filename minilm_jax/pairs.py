@@ -1,8 +1,19 @@
 """Sentence-pair files (TSV, CSV, JSONL, parquet) and hub datasets -> validated `Pairs`, through `datasets`.
 
-Every row is checked: both sentences must be strings and the score a finite number; a bad
+Every row is checked: every text column must hold a string and the score a finite number; a bad
 row is reported with its line number (data line numbers count the header as line 1). TSV is
 read with quoting disabled: a sentence may start with or contain `"`.
+
+Beyond (sentence1, sentence2, score), for the in-batch-negative losses (MultipleNegativesRankingLoss):
+- `Columns(negatives=(...))`: hard-negative text columns, read and checked like the others
+  (`--negative-column NAME`, repeatable);
+- `score_required=False`: a file of (anchor, positive[, negatives]) without a score column is
+  read with every score 1.0 (`Pairs.has_scores` is then False); a score column that is there
+  is still read and checked;
+- `positives_only=True`: of a pair-class file (label 1 = duplicate, 0 = not), only the label-1
+  rows are kept; any other label is an error naming its line;
+- `add_swapped=True`: every kept row is followed, after all of them, by its swap
+  (sentence2, sentence1, same negatives, same score), for symmetric data such as duplicates.
 """
 
 from __future__ import annotations
@@ -24,21 +35,49 @@ class Columns:
     sentence1: str = "sentence1"
     sentence2: str = "sentence2"
     score: str = "score"
+    negatives: tuple = ()  # hard-negative text columns, in order
+
+    def __post_init__(self):
+        object.__setattr__(self, "negatives", tuple(self.negatives))
+        names = self.texts() + [self.score]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise UserError(f"column {', '.join(map(repr, repeated))} is named twice among the sentence1, sentence2, "
+                            "negative and score columns; give each role its own column")
+
+    def texts(self) -> list[str]:
+        """The text columns: sentence1 (anchor), sentence2 (positive), then the negatives."""
+        return [self.sentence1, self.sentence2, *self.negatives]
 
 
 @dataclasses.dataclass(frozen=True)
 class Pairs:
     sentence1: list
     sentence2: list
-    scores: np.ndarray  # float64, as read
+    scores: np.ndarray  # float64, as read (all 1.0 when the file had no score column: has_scores False)
     source: str = ""
+    negatives: tuple = ()  # one list of texts per hard-negative column
+    has_scores: bool = True
 
     def __len__(self) -> int:
         return len(self.scores)
 
+    def columns(self) -> list[list]:
+        """The text columns, as the losses take them: sentence1, sentence2, then the negatives."""
+        return [self.sentence1, self.sentence2, *self.negatives]
+
     def select(self, indices) -> "Pairs":
-        return Pairs([self.sentence1[i] for i in indices], [self.sentence2[i] for i in indices],
-                     self.scores[np.asarray(indices, dtype=np.int64)], self.source)
+        return dataclasses.replace(
+            self, sentence1=[self.sentence1[i] for i in indices], sentence2=[self.sentence2[i] for i in indices],
+            scores=self.scores[np.asarray(indices, dtype=np.int64)],
+            negatives=tuple([column[i] for i in indices] for column in self.negatives))
+
+    def swapped(self) -> "Pairs":
+        """Every row followed (after all of them) by its swap: (sentence2, sentence1, negatives, score)."""
+        return dataclasses.replace(self, sentence1=self.sentence1 + self.sentence2,
+                                   sentence2=self.sentence2 + self.sentence1,
+                                   scores=np.concatenate([self.scores, self.scores]),
+                                   negatives=tuple(column + column for column in self.negatives))
 
 
 def _quiet_datasets():
@@ -75,20 +114,20 @@ def _unwrap(e: BaseException) -> BaseException:
     return e
 
 
-def read_table(path: str, columns: Columns) -> tuple[dict[str, list], int]:
-    """The three columns of a local file as lists of raw values, and the line number of its first row."""
+def read_table(path: str, columns: Columns, score_required: bool = True) -> tuple[dict[str, list], int]:
+    """The text and score columns of a local file as lists of raw values, and the line number of its
+    first row. Without score_required, a missing score column is simply not in the result."""
     if not os.path.exists(path):
         raise UserError(f"pairs file {path} does not exist; check the path")
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder; give a .tsv, .csv, .jsonl or .parquet file")
     ext = os.path.splitext(path)[1].lower()
     datasets = _quiet_datasets()
-    wanted = [columns.sentence1, columns.sentence2, columns.score]
     with tempfile.TemporaryDirectory(prefix="minilm-jax-datasets-") as cache:
         if ext in _CSV_DELIMITERS:
             delimiter = _CSV_DELIMITERS[ext]
             header = _first_line_columns(path, delimiter)
-            _check_columns(path, header, wanted)
+            _check_columns(path, header, _wanted(columns, header, score_required))
             if not _has_rows_after_header(path):  # datasets would fail with "corresponds to no data"
                 raise UserError(f"{path} has a header but no rows; add at least one pair")
             features = datasets.Features({name: datasets.Value("string") for name in header})
@@ -115,15 +154,22 @@ def read_table(path: str, columns: Columns) -> tuple[dict[str, list], int]:
                                 "save the file as UTF-8") from None
             raise UserError(f"{path} could not be parsed: {str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__}"
                             "; check that every row has the same columns") from None
+        wanted = _wanted(columns, table.column_names, score_required)
         _check_columns(path, table.column_names, wanted)
         return {name: table[name] for name in wanted}, first_line
+
+
+def _wanted(columns: Columns, found: list[str], score_required: bool) -> list[str]:
+    """The columns to read: the text columns, and the score column if required or present."""
+    return columns.texts() + ([columns.score] if score_required or columns.score in found else [])
 
 
 def _check_columns(path: str, found: list[str], wanted: list[str]) -> None:
     missing = [c for c in wanted if c not in found]
     if missing:
         raise UserError(f"{path} has no column {', '.join(repr(m) for m in missing)} (found {', '.join(map(repr, found))}); "
-                        "rename the header or select columns with --sentence1-column/--sentence2-column/--score-column")
+                        "rename the header or select columns with --sentence1-column/--sentence2-column/--score-column"
+                        "/--negative-column")
 
 
 def _parse_score(value, where: str) -> float:
@@ -142,32 +188,60 @@ def _parse_score(value, where: str) -> float:
 
 
 def to_pairs(raw: dict[str, list], columns: Columns, source: str, first_line: int,
-             unit_interval: bool = False, score_scale: float = 1.0) -> Pairs:
-    s1, s2, scores = raw[columns.sentence1], raw[columns.sentence2], raw[columns.score]
-    if not scores:
+             unit_interval: bool = False, score_scale: float = 1.0, *, positives_only: bool = False,
+             add_swapped: bool = False) -> Pairs:
+    """Validated Pairs from raw columns (`raw` lacks the score column when the file has none)."""
+    names = columns.texts()
+    texts = [raw[name] for name in names]
+    has_scores = columns.score in raw
+    n = len(texts[0])
+    if not n:
         raise UserError(f"{source} has a header but no rows; add at least one pair")
-    out = np.empty(len(scores), dtype=np.float64)
-    for i, (a, b, value) in enumerate(zip(s1, s2, scores)):
+    if positives_only and not has_scores:
+        raise UserError(f"{source} has no label column {columns.score!r}; positives_only keeps the rows labelled 1 "
+                        "of a pair-class file: name its label column with --score-column")
+    out = np.ones(n, dtype=np.float64)
+    label_one = np.zeros(n, dtype=bool)
+    for i in range(n):
         where = f"{source} line {first_line + i}"
-        for name, text in ((columns.sentence1, a), (columns.sentence2, b)):
+        for name, column in zip(names, texts):
+            text = column[i]
             if not isinstance(text, str):
                 raise UserError(f"{where}: {name} is {type(text).__name__} {text!r:.40}, not text; fix the row")
-        out[i] = _parse_score(value, where) / score_scale
+        if not has_scores:
+            continue
+        value = raw[columns.score][i]
+        number = _parse_score(value, where)
+        if positives_only and number not in (0.0, 1.0):
+            raise UserError(f"{where}: label {value!r:.40} is not 0 or 1; positives_only keeps the rows labelled 1 "
+                            "(duplicates) of a pair-class file")
+        label_one[i] = number == 1.0
+        out[i] = number / score_scale
         if unit_interval and not 0.0 <= out[i] <= 1.0:
             raise UserError(f"{where}: score {value} is outside [0, 1] (CosineSimilarityLoss needs labels in [0, 1]); "
                             "for 0-5 STS scores pass --score-scale 5")
-    return Pairs(list(s1), list(s2), out, source)
+    pairs = Pairs(list(texts[0]), list(texts[1]), out, source, tuple(list(t) for t in texts[2:]), has_scores)
+    if positives_only:
+        keep = np.flatnonzero(label_one)
+        if not len(keep):
+            raise UserError(f"{source} has no row labelled 1 in column {columns.score!r}; positives_only keeps the "
+                            "duplicates (label 1) of a pair-class file")
+        pairs = pairs.select(keep)
+    return pairs.swapped() if add_swapped else pairs
 
 
 def load_pairs(path: str, columns: Columns = Columns(), unit_interval: bool = False,
-               score_scale: float = 1.0) -> Pairs:
-    """A local pairs file, validated row by row."""
-    raw, first_line = read_table(path, columns)
-    return to_pairs(raw, columns, path, first_line, unit_interval, score_scale)
+               score_scale: float = 1.0, *, score_required: bool = True, positives_only: bool = False,
+               add_swapped: bool = False) -> Pairs:
+    """A local pairs file, validated row by row (the options: see the module docstring)."""
+    raw, first_line = read_table(path, columns, score_required=score_required and not positives_only)
+    return to_pairs(raw, columns, path, first_line, unit_interval, score_scale, positives_only=positives_only,
+                    add_swapped=add_swapped)
 
 
 def load_hub_pairs(name: str, subset: str | None, split: str, columns: Columns, unit_interval: bool = False,
-                   score_scale: float = 1.0) -> Pairs:
+                   score_scale: float = 1.0, *, score_required: bool = True, positives_only: bool = False,
+                   add_swapped: bool = False) -> Pairs:
     """A split of a Hugging Face hub dataset (needs network or a warm datasets cache)."""
     datasets = _quiet_datasets()
     try:
@@ -175,6 +249,8 @@ def load_hub_pairs(name: str, subset: str | None, split: str, columns: Columns, 
     except Exception as e:
         raise UserError(f"could not load dataset {name}{'/' + subset if subset else ''} split {split} "
                         f"({type(_unwrap(e)).__name__}: {str(_unwrap(e))[:120]}); offline, pass --train-file/--eval-file") from None
-    _check_columns(name, table.column_names, [columns.sentence1, columns.sentence2, columns.score])
-    raw = {c: table[c] for c in (columns.sentence1, columns.sentence2, columns.score)}
-    return to_pairs(raw, columns, name, 0, unit_interval, score_scale)
+    wanted = _wanted(columns, table.column_names, score_required and not positives_only)
+    _check_columns(name, table.column_names, wanted)
+    raw = {c: table[c] for c in wanted}
+    return to_pairs(raw, columns, name, 0, unit_interval, score_scale, positives_only=positives_only,
+                    add_swapped=add_swapped)
