@@ -51,7 +51,7 @@ class TokenizedPairs:
 
 
 def tokenize_pairs(pairs: Pairs, tokenizer: Tokenizer) -> TokenizedPairs:
-    return TokenizedPairs((tokenizer.token_ids(pairs.sentence1), tokenizer.token_ids(pairs.sentence2)),
+    return TokenizedPairs(tuple(tokenizer.token_ids(column) for column in pairs.columns()),
                           pairs.scores.astype(np.float32))
 
 
@@ -185,14 +185,28 @@ class StepShapes:
     def sentences(self) -> int:
         return self.columns * self.pairs
 
+    @property
+    def programs(self) -> tuple[str, ...]:
+        """The programs these shapes can need, the usual one first."""
+        return ("fast", "general") if self.fast_rows else ("general",)
 
-def step_shapes(pairs_per_device: int, columns: int, max_seq_length: int, tokens_per_device: int = 0) -> StepShapes:
+
+def step_shapes(pairs_per_device: int, columns: int, max_seq_length: int, tokens_per_device: int = 0,
+                mini_batch_size: int | None = None) -> StepShapes:
     """The two shapes for `pairs_per_device` rows of `columns` texts truncated at max_seq_length;
-    `tokens_per_device` is the fast shape's budget (0: TOKENS_PER_SENTENCE per sentence)."""
+    `tokens_per_device` is the fast shape's budget (0: TOKENS_PER_SENTENCE per sentence).
+
+    mini_batch_size (the Cached* losses, GradCache): every step runs as micro-batches of about that
+    many sentences (TOKENS_PER_SENTENCE each), so that memory is bounded by the micro-batch, not
+    the batch; there is no fast shape (fast_rows 0)."""
     sentences = columns * pairs_per_device
     fast_length = min(FAST_ROW_LENGTH, max_seq_length)
-    fast_rows = max(1, -(-(tokens_per_device or sentences * TOKENS_PER_SENTENCE) // fast_length))
-    micro_rows = max(1, -(-fast_rows * fast_length // max_seq_length))
+    if mini_batch_size:
+        fast_rows = 0
+        micro_rows = max(1, -(-mini_batch_size * TOKENS_PER_SENTENCE // max_seq_length))
+    else:
+        fast_rows = max(1, -(-(tokens_per_device or sentences * TOKENS_PER_SENTENCE) // fast_length))
+        micro_rows = max(1, -(-fast_rows * fast_length // max_seq_length))
     # The worst step: every sentence max_seq_length long, one to a row.
     micro_batches = -(-sentences // micro_rows)
     return StepShapes(pairs_per_device, columns, fast_rows, fast_length, micro_rows, max_seq_length, micro_batches)
@@ -224,6 +238,8 @@ def _device_sentences(data: TokenizedPairs, indices: np.ndarray, layout: BatchLa
 
 def _fast_packing(sentences: list, shapes: StepShapes) -> list | None:
     """The fast shape's rows for these sentences, or None if they do not fit it."""
+    if not shapes.fast_rows:
+        return None
     lengths = [len(ids) for _, ids in sentences]
     if max(lengths, default=0) > shapes.fast_length:
         return None
@@ -307,7 +323,7 @@ SKIP, FAST, GENERAL = 0, 1, 2  # Dispatch kinds
 def _step_arrays(pair_arrays: dict, kind: int, sentences: list, packing, shapes: StepShapes, program: str,
                  steps_per_dispatch: int) -> dict:
     arrays = dict(pair_arrays)
-    if program == "fast" or steps_per_dispatch > 1:
+    if shapes.fast_rows and (program == "fast" or steps_per_dispatch > 1):
         arrays["fast"] = (fast_rows(sentences, packing, shapes) if kind == FAST
                           else _empty_rows((shapes.fast_rows, shapes.fast_length), shapes))
     if program == "general":

@@ -28,33 +28,26 @@ def token_stats(ids: list) -> dict:
 
 
 
-def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: dict, total_steps: int,
-               n_devices: int) -> None:
+def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: list, total_steps: int,
+               n_devices: int, loss) -> None:
+    """final_eval: [(evaluator, metrics)] of the last evaluation; loss: the run's losses.* loss."""
     from minilm_jax.model_card import render_model_card
     from minilm_jax.plot import plot_training
 
     records = read_metrics(out / "metrics.jsonl", total_steps)
     plot_training(records, str(out / "training.png"))
-    card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices))
+    card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices, loss))
     checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
                                              extra_files={"README.md": card})
 
 
-# What the train step computes (losses.cosine_mse_terms), as sentence-transformers names it: its
-# CosineSimilarityLoss with the parameters its get_config_dict() reports for this loss.
-LOSS = {"name": "CosineSimilarityLoss",
-        "parameters": {"loss_fct": "torch.nn.modules.loss.MSELoss",
-                       "cos_score_transformation": "torch.nn.modules.linear.Identity"}}
-# The evaluation a run does (metrics.evaluate_pairs), under sentence-transformers' evaluator name.
-SIMILARITY_EVALUATOR = {"name": "EmbeddingSimilarityEvaluator", "description": "Semantic Similarity",
-                        "implementation": "minilm_jax.metrics.evaluate_pairs", "primary_metric": "spearman_cosine"}
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"
 _HUB_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 WIDGET_SOURCES, WIDGET_CANDIDATES, WIDGET_POOL = 3, 3, 1000
 
 
-def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: dict,
-                n_devices: int) -> dict:
+def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: list,
+                n_devices: int, loss) -> dict:
     """Everything the model card shows about a run, as plain data (`model_card.render_model_card`
     documents each key). No absolute path goes in: local files and folders are named by their
     last component, the base model by its hub id where the folder gives one.
@@ -87,13 +80,16 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
         row = by_step.setdefault(r["step"], {"epoch": r.get("epoch"), "step": r["step"], "loss": None, "evals": {}})
         if "loss" in r:
             row["loss"] = r["loss"]
-        if "eval_spearman_cosine" in r:
-            row["evals"][f"{eval_label}_spearman_cosine"] = r["eval_spearman_cosine"]
+        for evaluator, _ in final_eval:
+            if f"eval_{evaluator.primary_metric}" in r:
+                row["evals"][f"{eval_label}_{evaluator.primary_metric}"] = r[f"eval_{evaluator.primary_metric}"]
     train = run_data.train
     samples = [{"sentence1": train.sentence1[i], "sentence2": train.sentence2[i], "score": float(train.scores[i])}
                for i in range(min(3, len(train)))]
-    metrics = {k.removeprefix("eval_"): v for k, v in final_eval.items()}
-    evaluations = [{**SIMILARITY_EVALUATOR, "dataset": eval_label, "metrics": metrics}] if metrics else []
+    evaluations = [{"name": evaluator.st_class, "description": evaluator.display_name,
+                    "implementation": f"minilm_jax.evaluators.{type(evaluator).__name__}", "dataset": eval_label,
+                    "primary_metric": evaluator.primary_metric, "metrics": metrics}
+                   for evaluator, metrics in final_eval]
     return {
         "base_model": base_model(cfg.model, model.path),
         "max_seq_length": model.sentence.max_seq_length, "hidden_size": model.config.hidden_size,
@@ -106,7 +102,7 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
                                 "max": float(train.scores.max())}},
             "samples": samples},
         "eval_dataset": {**eval_data, "size": len(run_data.eval)} if eval_data else None,
-        "loss": {**LOSS, "parameters": dict(LOSS["parameters"])},
+        "loss": {"name": loss.name, "parameters": loss.parameters()},
         "evaluations": evaluations,
         "widget": widget_examples(run_data.eval if run_data.eval is not None else train, cfg.seed),
         "hyperparameters": hyper, "default_hyperparameters": default_hyper,

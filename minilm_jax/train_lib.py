@@ -19,11 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data as data_lib
+from minilm_jax import data as data_lib, losses
 from minilm_jax.ahead_of_time import AheadOfTime
 from minilm_jax.embedding import compute_dtype
 from minilm_jax.errors import UsageError, UserError
-from minilm_jax.losses import cosine_mse_terms
 from minilm_jax.optimizer import AdamW
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 from minilm_jax.run_export import export_run
@@ -31,6 +30,7 @@ from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, ch
                                    write_text_atomic)
 from minilm_jax.train_step import StepSpec, TrainState, from_devices, init_state, step_program, to_devices
 
+BATCH_SAMPLERS = ("auto", "shuffle", "no-duplicates")
 DEFAULT_DATASET = "sentence-transformers/quora-duplicates"
 DEFAULT_DATASET_SUBSET = "pair-class"
 
@@ -73,6 +73,19 @@ class TrainConfig:
     eval_every: int = 0  # 0: only at the end of each epoch
     log_every: int = 100
     eval_batch_size: int = 32
+    evaluator: tuple = ("similarity",)  # evaluators.EVALUATORS names, run on the eval data
+    loss: str = "CosineSimilarityLoss"  # a losses.BY_NAME name (sentence-transformers' class name)
+    loss_param: tuple = ()  # "NAME=VALUE" constructor parameters of the loss, sentence-transformers' names
+    mini_batch_size: int = 0  # Cached* losses: sentences per micro-batch; 0: the loss's default (32)
+    matryoshka_dims: tuple = ()  # wrap the loss in MatryoshkaLoss over these dimensions
+    negative_column: tuple = ()  # hard-negative text columns of the training data
+    positives_only: bool = False  # keep the label-1 rows of a 0/1 pair-class file (for in-batch negatives)
+    add_swapped: bool = False  # also train on every row swapped: (sentence2, sentence1)
+    batch_sampler: str = "auto"  # shuffle, no-duplicates; auto: no-duplicates for in-batch-negative losses
+
+    def __post_init__(self):
+        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # a command line gives lists
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
@@ -96,10 +109,21 @@ class TrainConfig:
                              f"--steps-per-dispatch ({self.steps_per_dispatch}) so that a resumed run replays "
                              "the same dispatches")
         compute_dtype(self.dtype)
+        from minilm_jax.evaluators import EVALUATORS
+
+        if self.batch_sampler not in BATCH_SAMPLERS:
+            raise UsageError(f"--batch-sampler must be one of {', '.join(BATCH_SAMPLERS)}, got {self.batch_sampler!r}")
+        if self.mini_batch_size < 0:
+            raise UsageError(f"--mini-batch-size must be 0 or more, got {self.mini_batch_size}")
+        build_loss(self)
+        unknown = [name for name in self.evaluator if name not in EVALUATORS]
+        if unknown or not self.evaluator or len(set(self.evaluator)) != len(self.evaluator):
+            raise UsageError(f"--evaluator takes distinct names of {', '.join(EVALUATORS)}; got {' '.join(self.evaluator)}")
 
     def resumable_fields(self) -> dict:
         """The settings that decide the result; a resumed run must not change them."""
         skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
+                "evaluator",
                 "eval_file"}
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
@@ -127,22 +151,29 @@ def make_optimizer(cfg: TrainConfig) -> AdamW:
                  max_grad_norm=cfg.max_grad_norm)
 
 
-@dataclasses.dataclass(frozen=True)
-class CosineSimilarityLoss:
-    """sentence-transformers' CosineSimilarityLoss: mean over pairs of (cos(u, v) - label)^2."""
-
-    name: str = "CosineSimilarityLoss"
-
-    def local_loss(self, columns_CxBxD, labels_B, weights_B, count, axis_name=None):
-        # This device's share of the global batch's mean: the shares sum to it over devices (also
-        # for a short last batch, whose padding rows have weight 0).
-        return jnp.sum(cosine_mse_terms(columns_CxBxD[0], columns_CxBxD[1], labels_B, weights_B)) / count
-
-
 def step_spec(cfg: TrainConfig, model, n_devices: int) -> StepSpec:
     """What the compiled train step depends on: all of it known from the options and the model."""
-    shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2, model.sentence.max_seq_length, cfg.packed_tokens)
-    return StepSpec(model.config, CosineSimilarityLoss(), shapes, cfg.dtype, cfg.dropout)
+    loss = build_loss(cfg)
+    shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2 + len(cfg.negative_column),
+                                  model.sentence.max_seq_length, cfg.packed_tokens,
+                                  mini_batch_size=getattr(loss, "mini_batch_size", None))
+    return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout)
+
+
+def batch_plan(cfg: TrainConfig, train: Pairs, loss) -> data_lib.BatchPlan:
+    """The rows of every step: shuffled, or with no text twice in a batch (sentence-transformers'
+    NO_DUPLICATES, for in-batch negatives, where a repeated text is a false negative)."""
+    from minilm_jax.sampler import text_ids
+
+    no_duplicates = cfg.batch_sampler == "no-duplicates" or (cfg.batch_sampler == "auto" and in_batch_negatives(loss))
+    return data_lib.BatchPlan(len(train), cfg.batch_size, cfg.seed,
+                              text_ids(train.columns()) if no_duplicates else None)
+
+
+def in_batch_negatives(loss) -> bool:
+    """The MultipleNegatives losses: the other rows of the batch are the negatives (they take no
+    scores)."""
+    return not loss.needs_scores
 
 
 # ----------------------------------------------------------------------------- data
@@ -155,29 +186,98 @@ class RunData:
     eval_name: str | None
 
 
-def load_run_data(cfg: TrainConfig) -> RunData:
-    columns = Columns(cfg.sentence1_column, cfg.sentence2_column, cfg.score_column)
+def load_run_data(cfg: TrainConfig, loss=None) -> RunData:
+    """The training rows (sentence1, sentence2, any --negative-column texts, scores as `loss`
+    needs them) and the evaluation pairs."""
+    loss = loss or build_loss(cfg)
+    eval_columns = Columns(cfg.sentence1_column, cfg.sentence2_column, cfg.score_column)
+    columns = dataclasses.replace(eval_columns, negatives=cfg.negative_column)
+    # CosineSimilarityLoss regresses cos(u, v) onto the label: it needs labels in [0, 1].
+    options = dict(unit_interval=isinstance(loss, losses.CosineSimilarityLoss), score_scale=cfg.score_scale,
+                   score_required=loss.needs_scores)
     if cfg.train_file:
-        train = load_pairs(cfg.train_file, columns, unit_interval=True, score_scale=cfg.score_scale)
+        train = load_pairs(cfg.train_file, columns, **options, positives_only=cfg.positives_only,
+                           add_swapped=cfg.add_swapped)
         train_name = cfg.train_file
         eval_pairs = None
     else:
         name = cfg.dataset or DEFAULT_DATASET
         subset = cfg.dataset_subset if cfg.dataset else DEFAULT_DATASET_SUBSET
         if not cfg.dataset and cfg.score_column == "score":
-            columns = dataclasses.replace(columns, score="label")  # quora-duplicates pair-class names it 'label'
-        full = load_hub_pairs(name, subset, "train", columns, unit_interval=True, score_scale=cfg.score_scale)
+            # quora-duplicates pair-class names it 'label'
+            columns = dataclasses.replace(columns, score="label")
+            eval_columns = dataclasses.replace(eval_columns, score="label")
+        full = load_hub_pairs(name, subset, "train", columns, **{**options, "score_required": True})
         order = np.random.default_rng(cfg.seed).permutation(len(full))
         n_eval = int(round(len(full) * cfg.eval_fraction))
         train, eval_pairs = full.select(order[n_eval:]), full.select(order[:n_eval])
+        train = _training_rows(train, cfg, f"{name} ({subset})" if subset else name)
         train_name = f"{name}" + (f" ({subset})" if subset else "")
     eval_name = None
     if cfg.eval_file:
-        eval_pairs = load_pairs(cfg.eval_file, columns, score_scale=cfg.score_scale)
+        eval_pairs = load_pairs(cfg.eval_file, eval_columns, score_scale=cfg.score_scale)
         eval_name = cfg.eval_file
     elif eval_pairs is not None:
         eval_name = f"{train_name} held-out {cfg.eval_fraction:.0%}"
+    losses.check_columns(loss, len(train.columns()))
     return RunData(train, eval_pairs, train_name, eval_name)
+
+
+def _training_rows(pairs: Pairs, cfg: TrainConfig, source: str) -> Pairs:
+    """--positives-only and --add-swapped on rows already read (the hub's split is made first, so
+    that the held-out evaluation keeps both labels)."""
+    if cfg.positives_only:
+        labels = set(np.unique(pairs.scores).tolist())
+        if not labels <= {0.0, 1.0} or 1.0 not in labels:
+            raise UserError(f"--positives-only keeps the rows labelled 1 of a 0/1 pair-class dataset; {source} has "
+                            f"labels {sorted(labels)[:5]}")
+        pairs = pairs.select(np.flatnonzero(pairs.scores == 1.0))
+    return pairs.swapped() if cfg.add_swapped else pairs
+
+
+def build_loss(cfg: TrainConfig):
+    """The losses.* loss of --loss, with --loss-param, --mini-batch-size and --matryoshka-dims."""
+    cls = losses.BY_NAME.get(cfg.loss)
+    if cls is None or cls is losses.MatryoshkaLoss:
+        names = [n for n in losses.BY_NAME if n != "MatryoshkaLoss"]
+        raise UsageError(f"--loss {cfg.loss!r} is not one of {', '.join(names)} (MatryoshkaLoss: add "
+                         "--matryoshka-dims to any of them)")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    params = {}
+    for item in cfg.loss_param:
+        key, sep, value = item.partition("=")
+        if not sep or key not in fields or key == "mini_batch_size":
+            known = ", ".join(k for k in fields if k != "mini_batch_size") or "none"
+            raise UsageError(f"--loss-param {item!r}: give NAME=VALUE with a parameter of {cls.name} ({known})")
+        params[key] = _parse_param(cls.name, key, value, fields[key].default)
+    if cfg.mini_batch_size:
+        if "mini_batch_size" not in fields:
+            raise UsageError(f"--mini-batch-size is for the Cached* losses (GradCache), not {cls.name}")
+        params["mini_batch_size"] = cfg.mini_batch_size
+    try:
+        loss = cls(**params)
+        if cfg.matryoshka_dims:
+            loss = losses.MatryoshkaLoss(loss, cfg.matryoshka_dims)
+        losses.check_columns(loss, 2 + len(cfg.negative_column))
+    except UserError as e:  # a loss's settings are options: a usage error
+        raise UsageError(str(e)) from None
+    return loss
+
+
+def _parse_param(loss_name: str, key: str, value: str, default):
+    try:
+        if isinstance(default, bool):
+            if value.lower() not in ("true", "false"):
+                raise ValueError
+            return value.lower() == "true"
+        if isinstance(default, (int, float)):
+            return type(default)(value)
+        if isinstance(default, tuple):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+        return None if value.lower() == "none" else value
+    except ValueError:
+        raise UsageError(f"--loss-param {key}={value}: {loss_name}'s {key} takes a {type(default).__name__} "
+                         f"(default {default!r})") from None
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -222,15 +322,16 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     compiler = AheadOfTime()
     programs = TrainPrograms(step_spec(cfg, model, n_global), cfg.steps_per_dispatch, compiler,
                              init_state(model.params, make_optimizer(cfg)))
-    programs.prepare("fast")
+    programs.prepare(programs.spec.shapes.programs[0])
     try:
-        run_data = load_run_data(cfg)
+        run_data = load_run_data(cfg, programs.spec.loss)
+        evaluators = build_evaluators(cfg, run_data)
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.
         lock = OutputLock(out) if jax.process_index() == 0 else None
         try:
-            return _run(cfg, out, progress, model, run_data, programs)
+            return _run(cfg, out, progress, model, run_data, programs, evaluators)
         finally:
             if lock is not None:
                 lock.release()
@@ -272,9 +373,17 @@ def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_pe
     return {**dispatch.arrays, "learning_rate": np.broadcast_to(step_rates, (n_local, steps_per_dispatch))}
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: TrainPrograms) -> dict:
-    from minilm_jax.metrics import evaluate_pairs
+def build_evaluators(cfg: TrainConfig, run_data: RunData) -> list:
+    """The evaluators of the run, checked against its eval data before anything is written."""
+    from minilm_jax.evaluators import build_evaluator
 
+    if run_data.eval is None:
+        return []
+    return [build_evaluator(name, pairs=run_data.eval) for name in cfg.evaluator]
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: TrainPrograms,
+         evaluators: list) -> dict:
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -283,7 +392,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
             if stale.is_file():
                 stale.unlink()
     train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
-    plan = data_lib.BatchPlan(len(train_tokens), cfg.batch_size, cfg.seed)
+    plan = batch_plan(cfg, run_data.train, programs.spec.loss)
     total_steps = cfg.max_steps or plan.epoch_start(cfg.epochs)
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
@@ -307,19 +416,17 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     p_state = to_devices(state, n_global)
     del state
 
-    def evaluate(params) -> dict:
-        if run_data.eval is None:
-            return {}
-        result = evaluate_pairs(model.replace(params=params), run_data.eval, ("cosine",), cfg.eval_batch_size,
-                                cfg.dtype)
-        return {f"eval_{k}": v for k, v in result.items()}
+    def evaluate(params) -> list:
+        """[(evaluator, its metrics)], sentence-transformers' keys."""
+        scored = model.replace(params=params)
+        return [(ev, ev.evaluate(scored, cfg.eval_batch_size, cfg.dtype)) for ev in evaluators]
 
     log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main,
                   programs.compiler)
     groups = data_lib.prefetch(data_lib.dispatch_groups(
         train_tokens, layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
-    last_eval: dict = {}  # {step: metrics} of the latest evaluation, reused as the final one
+    last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
         first, n, metrics = item
@@ -375,9 +482,9 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
     if is_main:
         export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
-                   n_global)
+                   n_global, programs.spec.loss)
     checkpoints.close()
-    return {**{k.removeprefix("eval_"): v for k, v in final_eval.items()}, **run_report}
+    return {**{k: v for _, metrics in final_eval for k, v in metrics.items()}, **run_report}
 
 
 class _Logger:
@@ -425,7 +532,8 @@ class _Logger:
             return None
         return round(self.timed_steps * self.cfg.batch_size / self.timed_seconds, 2)
 
-    def eval(self, step: int, epoch: float, metrics: dict) -> None:
+    def eval(self, step: int, epoch: float, results: list) -> None:
+        metrics = {f"eval_{k}": v for _, m in results for k, v in m.items()}
         if metrics:
             self.write({"step": step, "epoch": round(epoch, 4), **metrics})
             if self.bar is not None:

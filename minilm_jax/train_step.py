@@ -36,6 +36,7 @@ from minilm_jax.optimizer import AdamW, RowSparse, join_table, split_table
 AXIS = "devices"  # the pmap axis name, also given to replicate() so the step compiles once
 PROGRAMS = ("fast", "general")
 _LAYOUT_KEYS = ("ids", "positions", "segments", "slots")
+_LOSS_RNG = 2**32 - 1  # folded into a step's key for the loss's draws; device indices fold in 0, 1, ...
 
 
 @struct.dataclass
@@ -63,11 +64,12 @@ class StepSpec:
 
 # ----------------------------------------------------------------------------- loss and gradient
 
-def _objective(emb_SxD, batch: dict, spec: StepSpec, axis_name: str | None):
+def _objective(emb_SxD, batch: dict, spec: StepSpec, axis_name: str | None, loss_rng):
     """This device's share of the global batch's loss (the shares sum to it over devices)."""
     shapes = spec.shapes
     columns_CxBxD = emb_SxD.reshape(shapes.columns, shapes.pairs, emb_SxD.shape[-1])
-    return spec.loss.local_loss(columns_CxBxD, batch["labels"], batch["weights"], batch["count"], axis_name)
+    return spec.loss.local_loss(columns_CxBxD, batch["labels"], batch["weights"], batch["count"], axis_name,
+                                rng=loss_rng)
 
 
 def _local_model(params, ids: jax.Array, config: BertConfig, axis_name: str | None):
@@ -92,22 +94,25 @@ def _sparse_table_grads(loss, grads, rows_N, axis_name):
     return loss, join_table(rest_grads, RowSparse(rows_N, table_grad))
 
 
-def fast_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, axis_name: str | None = AXIS):
+def fast_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, axis_name: str | None = AXIS,
+                        loss_rng=None):
     """The global batch's loss and gradient, from the sentences packed in the fast shape
     (batch['fast']). The word-embedding table's gradient is row-sparse (optimizer.RowSparse): the
-    encoder runs on a table of only the rows the batch uses. Dropout is on iff a dropout rng is given."""
+    encoder runs on a table of only the rows the batch uses. Dropout is on iff a dropout rng is given;
+    loss_rng: the loss's own draws (MatryoshkaLoss's dimensions), the same on every device."""
     layout = batch["fast"]
     local_params, local_ids, rows_N, local_config = _local_model(params, layout["ids"], spec.config, axis_name)
 
     def loss_fn(p):
         emb_SxD = _embed(p, {**layout, "ids": local_ids}, spec, local_config, dropout_rng)
-        return _objective(emb_SxD, batch, spec, axis_name)
+        return _objective(emb_SxD, batch, spec, axis_name, loss_rng)
 
     loss, grads = jax.value_and_grad(loss_fn)(local_params)
     return _sparse_table_grads(loss, grads, rows_N, axis_name)
 
 
-def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, axis_name: str | None = AXIS):
+def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, axis_name: str | None = AXIS,
+                           loss_rng=None):
     """The same loss and gradient as fast_loss_and_grads, for any step: batch['general'] holds up
     to shapes.micro_batches micro-batches (the first `micro_batches` of them used), embedded one
     after the other, with the embeddings' gradient cached in between (GradCache)."""
@@ -124,7 +129,7 @@ def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, 
 
     emb_SxD = jax.lax.fori_loop(0, n_used, lambda m, acc: acc + embed_micro(local_params, m),
                                 jnp.zeros((spec.shapes.sentences, spec.config.hidden_size), jnp.float32))
-    loss, emb_grad_SxD = jax.value_and_grad(_objective)(emb_SxD, batch, spec, axis_name)
+    loss, emb_grad_SxD = jax.value_and_grad(_objective)(emb_SxD, batch, spec, axis_name, loss_rng)
 
     def add_micro_grads(m, acc):
         _, pullback = jax.vjp(lambda p: embed_micro(p, m), local_params)
@@ -159,8 +164,10 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, tx: AdamW, *, spe
     (`finite`) for the host to stop on.
     """
     if "kind" in batch:  # several steps per dispatch: each in the shape it fits, or skipped
+        # Without a fast shape (the Cached* losses) every step is general.
+        paths = ("fast" if "fast" in batch else "general", "general")
         branches = [_skip_step] + [functools.partial(_optimizer_step, spec=spec, path=path, axis_name=axis_name)
-                                   for path in ("fast", "general")]
+                                   for path in paths]
         return jax.lax.switch(batch["kind"], branches, state, batch, rng, tx)
     return _optimizer_step(state, batch, rng, tx, spec=spec, path=program, axis_name=axis_name)
 
@@ -169,10 +176,13 @@ def _optimizer_step(state: TrainState, batch: dict, rng: jax.Array, tx: AdamW, *
                     axis_name: str | None):
     # Independent dropout per device; a single device (no axis) draws as device 0 of a pmap would.
     device = jax.lax.axis_index(axis_name) if axis_name else 0
-    step_rng = jax.random.fold_in(jax.random.fold_in(rng, state.step), device)
+    step_rng = jax.random.fold_in(rng, state.step)
+    dropout_rng = jax.random.fold_in(step_rng, device) if spec.dropout else None
+    # The loss's own draws are the same on every device: a value no device index takes.
+    loss_rng = jax.random.fold_in(step_rng, _LOSS_RNG)
     loss_and_grads = fast_loss_and_grads if path == "fast" else general_loss_and_grads
-    loss, grads = loss_and_grads(state.params, batch, step_rng if spec.dropout else None, spec=spec,
-                                 axis_name=axis_name)
+    loss, grads = loss_and_grads(state.params, batch, dropout_rng, spec=spec, axis_name=axis_name,
+                                 loss_rng=loss_rng)
     learning_rate = batch["learning_rate"]
     params, opt_state, grad_norm = tx.apply(grads, state.opt_state, state.params, learning_rate)
     # No in-graph guard against a non-finite step (selecting old or new state costs a third of the

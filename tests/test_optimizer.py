@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from minilm_jax import data as data_lib, train_lib, train_step
+from minilm_jax import data as data_lib, losses, train_step
 from minilm_jax.config import BertConfig
 from minilm_jax.model import init_params
 from minilm_jax.optimizer import TABLE_PATH, AdamW, RowSparse, join_table, split_table
@@ -150,7 +150,7 @@ def test_loss_and_row_sparse_gradient_equal_the_whole_model_s(jax_model, data_di
         return jnp.sum(cosine_mse_terms(emb[:16], emb[16:], batch["labels"], batch["weights"])) / batch["count"]
 
     loss, grads = jax.jit(jax.value_and_grad(whole_model_loss))(params)
-    spec = train_step.StepSpec(config, train_lib.CosineSimilarityLoss(), shapes)
+    spec = train_step.StepSpec(config, losses.CosineSimilarityLoss(), shapes)
     sparse_loss, sparse_grads = jax.jit(
         lambda p: train_step.fast_loss_and_grads(p, batch, rng, spec=spec, axis_name=None))(params)
 

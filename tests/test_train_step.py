@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from conftest import REPO_ROOT
-from minilm_jax import data as data_lib, train_lib, train_step
+from minilm_jax import data as data_lib, losses, train_step
 from minilm_jax.optimizer import split_table
 from tiny_model import write_tiny_model
 
@@ -91,7 +91,7 @@ def test_general_program_gives_the_fast_program_s_loss_and_gradient(jax_model, q
     assert int(batch["general"]["micro_batches"]) >= 2
     batch = jax.tree.map(jnp.asarray, batch)
     params = jax.tree.map(jnp.asarray, jax_model.params)
-    loss_fn = train_lib.CosineSimilarityLoss()
+    loss_fn = losses.CosineSimilarityLoss()
     fast = jax.jit(lambda p: train_step.fast_loss_and_grads(
         p, batch, None, spec=train_step.StepSpec(jax_model.config, loss_fn, wide), axis_name=None))
     general = jax.jit(lambda p: train_step.general_loss_and_grads(
