@@ -57,21 +57,24 @@ class AheadOfTime:
         self.compiled: list[CompiledProgram] = []
         self.waited_seconds = 0.0  # how long callers of get() waited for compilation
 
-    def submit(self, name: str, function: Callable, *example_args: Any) -> None:
+    def submit(self, name: str, function: Callable, *example_args: Any, call_compiled: bool = True) -> None:
+        """call_compiled False: get() returns `function` itself, whose first call then loads what this
+        compile put in the persistent cache (for pmap over several processes, whose compiled
+        executable takes global arrays where the pmapped function takes each process's own)."""
         if name not in self._futures:
-            self._futures[name] = self._pool.submit(self._compile, name, function, example_args)
+            self._futures[name] = self._pool.submit(self._compile, name, function, example_args, call_compiled)
 
     def submitted(self, name: str) -> bool:
         return name in self._futures
 
-    def _compile(self, name: str, function: Callable, example_args: tuple):
+    def _compile(self, name: str, function: Callable, example_args: tuple, call_compiled: bool):
         thread = threading.get_ident()
         hits_before = _hits_by_thread.get(thread, 0)
         start = time.perf_counter()
         executable = function.lower(*example_args).compile()
         seconds = time.perf_counter() - start
         self.compiled.append(CompiledProgram(name, seconds, _hits_by_thread.get(thread, 0) > hits_before))
-        return executable
+        return executable if call_compiled else function
 
     def ready(self, name: str) -> bool:
         return name in self._futures and self._futures[name].done()

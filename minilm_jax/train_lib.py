@@ -348,6 +348,10 @@ class TrainPrograms:
         state = jax.eval_shape(lambda s: s, example_state)
         if self.n_global > 1:  # replicated: a leading axis of local devices
             state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.n_local, *x.shape), x.dtype), state)
+        if jax.process_count() > 1:
+            # pmap over several processes turns every argument into a global array with np.asarray,
+            # which takes no ShapeDtypeStruct: lower it for zeros (broadcast views, no memory).
+            state = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), state)
         self._example_state = state
 
     def prepare(self, program: str) -> None:
@@ -356,9 +360,10 @@ class TrainPrograms:
             return
         batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
         batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
-        rng = jax.ShapeDtypeStruct((2,), jnp.uint32)
+        rng = np.zeros((2,), np.uint32)
         self.compiler.submit(program, step_program(self.spec, program, self.n_global), self._example_state,
-                             batches, rng, make_optimizer(TrainConfig()).as_inputs())
+                             batches, rng, make_optimizer(TrainConfig()).as_inputs(),
+                             call_compiled=jax.process_count() == 1)
 
     def get(self, program: str):
         self.prepare(program)
@@ -474,6 +479,12 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         if pending is not None:
             settle(pending)
         checkpoints.wait()
+    except Exception as e:
+        if jax.process_count() > 1:  # a lost peer: stop now, before the waits below block on it
+            from minilm_jax import distributed
+
+            distributed.exit_on_peer_failure(e)
+        raise
     finally:
         log.close()
         checkpoints.wait()
