@@ -241,7 +241,7 @@ def _assemble(outputs: tuple, index: jax.Array) -> jax.Array:
 
 def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | None = None, batch_size: int = 32,
            normalize: bool = True, show_progress_bar: bool = False, dtype: str = "float32", devices=None,
-           convert_to_tensor: bool = False):
+           convert_to_tensor: bool = False, truncate_dim: int | None = None):
     """Embed sentences: float32 [N, D] (a single string gives [D], as sentence-transformers does).
 
     `normalize=False` returns the mean-pooled embeddings before L2 normalisation.
@@ -252,6 +252,9 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     of jax devices. Each call's sentences are split evenly over them.
     `convert_to_tensor=True` returns a `jax.Array` that stays on those devices instead of numpy (it
     costs one small gather program per distinct input size, on top of the embedding programs).
+    `truncate_dim=k` keeps the first k dimensions (a model trained with MatryoshkaLoss), as
+    sentence-transformers' truncate_dim: cut after normalisation, so the rows are not unit length
+    again; `similarity` normalises them.
     """
     single = isinstance(sentences, str)
     items = check_sentences([sentences] if single else sentences)
@@ -263,10 +266,14 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     placement = _Placement(resolve_devices(devices))
     n_devices, backend = len(placement.devices), placement.devices[0].platform
     hidden = model.config.hidden_size
+    if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
+                                     or not 1 <= truncate_dim <= hidden):
+        raise UserError(f"truncate_dim must be an integer from 1 to the model's {hidden} dimensions, got {truncate_dim!r}")
+    keep = hidden if truncate_dim is None else truncate_dim
     if not items:
         if convert_to_tensor:
-            return jax.device_put(np.zeros((0, hidden), np.float32), placement.devices[0])
-        return np.zeros((0, hidden), dtype=np.float32)
+            return jax.device_put(np.zeros((0, keep), np.float32), placement.devices[0])
+        return np.zeros((0, keep), dtype=np.float32)
     embed = _embed_fn(model.config, dtype, bool(normalize))
     # Once per call (and kept for the next call), not once per batch: host (numpy) parameters, as a
     # training run's evaluation passes them, would otherwise be copied to the devices by every batch.
@@ -277,9 +284,9 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     # Two passes, so that memory is bounded by _CHUNK and not by len(items): token counts first (to
     # sort by length over the whole input), then the ids of _CHUNK sorted sentences at a time. The
     # batches are the same as tokenising everything at once would give.
-    lengths = np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK])
-                              for i in range(0, len(items), _CHUNK)])
+    lengths = _token_lengths(model, items)
     order = np.argsort(-lengths, kind="stable")
+    shapes = iter(_call_shapes(lengths[order], per_call, rows_ladder, lengths_ladder))
     chunk = max(1, _CHUNK // per_call) * per_call  # whole calls per chunk
     bar = None
     if show_progress_bar:
@@ -298,8 +305,8 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
             for start in range(0, len(chunk_idx), per_call):
                 idx = chunk_idx[start:start + per_call]
                 rows = token_ids[start:start + per_call]
-                n_rows = next(r for r in rows_ladder if r >= len(rows))
-                ids, mask = pad_batch(rows, bucket_length(len(rows[0]), lengths_ladder), n_rows, model.tokenizer.pad_id)
+                n_rows, length = next(shapes)
+                ids, mask = pad_batch(rows, length, n_rows, model.tokenizer.pad_id)
                 if convert_to_tensor:
                     where[idx] = done_rows + np.arange(len(idx))
                     done_rows += n_rows
@@ -314,9 +321,53 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if bar is not None:
         bar.close()
     if convert_to_tensor:
-        result = _assemble(tuple(on_device), jax.device_put(where.astype(np.int32), placement.params))
+        result = _assemble(tuple(on_device), jax.device_put(where.astype(np.int32), placement.params))[:, :keep]
         return result[0] if single else result
+    if keep < hidden:
+        out = np.ascontiguousarray(out[:, :keep])
     return out[0] if single else out
+
+
+def _token_lengths(model: Model, items: list) -> np.ndarray:
+    return np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK]) for i in range(0, len(items), _CHUNK)])
+
+
+def _call_shapes(sorted_lengths: np.ndarray, per_call: int, rows_ladder, lengths_ladder) -> list[tuple[int, int]]:
+    """(rows, padded length) of each device call, for token counts sorted longest first: calls of
+    per_call sentences, the last one padded to the next row bucket, each to its longest sentence's
+    length bucket."""
+    out = []
+    for start in range(0, len(sorted_lengths), per_call):
+        n = min(per_call, len(sorted_lengths) - start)
+        out.append((next(r for r in rows_ladder if r >= n), bucket_length(int(sorted_lengths[start]), lengths_ladder)))
+    return out
+
+
+def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool = True,
+            dtype: str = "float32", devices=None) -> int:
+    """Compile, ahead of time, every program that encode(texts, model, ...) would compile for each
+    list of texts in `calls`, by running it once on padding (a training run does this on a
+    background thread before its first evaluation). Returns how many programs it compiled."""
+    if not isinstance(model, Model):
+        model = load(model)
+    placement = _Placement(resolve_devices(devices))
+    n_devices, backend = len(placement.devices), placement.devices[0].platform
+    per_call = _rows_per_call(batch_size, n_devices, backend)
+    rows_ladder = row_buckets(per_call, n_devices, backend)
+    lengths_ladder = length_buckets(model.sentence.max_seq_length, backend)
+    shapes = set()
+    for texts in calls:
+        items = check_sentences(list(texts))
+        if items:
+            lengths = np.sort(_token_lengths(model, items))[::-1]
+            shapes.update(_call_shapes(lengths, per_call, rows_ladder, lengths_ladder))
+    embed = _embed_fn(model.config, dtype, bool(normalize))
+    params = _placed_params(model.params, placement)
+    before = compiled_programs()
+    for n_rows, length in sorted(shapes):
+        ids, mask = pad_batch([], length, n_rows, model.tokenizer.pad_id)
+        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, placement))
+    return compiled_programs() - before
 
 
 def _settle(item, out: np.ndarray | None, on_device: list) -> None:

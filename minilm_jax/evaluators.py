@@ -24,6 +24,7 @@ The interface (evaluate.py and the training loop call only this):
     ev.st_class          # "BinaryClassificationEvaluator"
     ev.sizes()           # {"pairs": 5000}: what the data holds, for a log line
     ev.card_config()     # ST's get_config_dict(): the evaluator's settings shown in a model card
+    ev.encode_calls()    # the texts of each encode call evaluate() makes (encode.warm_up compiles for them)
 
 `build_evaluator` reads nothing and encodes nothing; it checks the data and the options (a
 UserError, or a UsageError for options, names what is wrong), so a trainer can call it before it
@@ -80,8 +81,13 @@ def _embed_unique(model, texts: Sequence[str], batch_size: int, dtype: str) -> t
     """Embeddings of the distinct texts (first-appearance order) and text -> row."""
     from minilm_jax.encode import encode
 
-    unique = list(dict.fromkeys(texts))
+    unique = _unique(texts)
     return encode(unique, model, batch_size=batch_size, dtype=dtype), {t: i for i, t in enumerate(unique)}
+
+
+def _unique(texts: Sequence[str]) -> list[str]:
+    """The distinct texts, in first-appearance order."""
+    return list(dict.fromkeys(texts))
 
 
 def _row_name(source: str, i: int) -> str:
@@ -120,6 +126,10 @@ class SimilarityEvaluator:
 
     def evaluate(self, model, batch_size: int = 32, dtype: str = "float32") -> dict[str, float]:
         return evaluate_pairs(model, self.pairs, self.similarity_fns, batch_size, dtype)
+
+    def encode_calls(self) -> list[list[str]]:
+        """The texts of each encode call `evaluate` makes (for encode.warm_up)."""
+        return [list(self.pairs.sentence1), list(self.pairs.sentence2)]
 
 
 # ----------------------------------------------------------------------------- binary
@@ -268,6 +278,10 @@ class BinaryEvaluator:
     def card_config(self) -> dict:
         return {}
 
+    def encode_calls(self) -> list[list[str]]:
+        """The texts of each encode call `evaluate` makes (for encode.warm_up)."""
+        return [_unique(self.sentence1 + self.sentence2)]
+
     def evaluate(self, model, batch_size: int = 32, dtype: str = "float32") -> dict[str, float]:
         emb, row = _embed_unique(model, self.sentence1 + self.sentence2, batch_size, dtype)
         emb1 = emb[[row[t] for t in self.sentence1]]
@@ -394,6 +408,10 @@ class RetrievalEvaluator:
 
     def card_config(self) -> dict:
         return {}
+
+    def encode_calls(self) -> list[list[str]]:
+        """The texts of each encode call `evaluate` makes (for encode.warm_up)."""
+        return [_unique(self.data.queries + self.data.corpus)]
 
     def evaluate(self, model, batch_size: int = 32, dtype: str = "float32") -> dict[str, float]:
         emb, row = _embed_unique(model, self.data.queries + self.data.corpus, batch_size, dtype)
@@ -661,6 +679,10 @@ class ParaphraseMiningEvaluator:
 
     def card_config(self) -> dict:
         return {"add_transitive_closure": False, "max_pairs": self.max_pairs, "top_k": self.top_k}
+
+    def encode_calls(self) -> list[list[str]]:
+        """The texts of each encode call `evaluate` makes (for encode.warm_up)."""
+        return [_unique(self.data.sentences)]
 
     def evaluate(self, model, batch_size: int = 32, dtype: str = "float32") -> dict[str, float]:
         emb, row = _embed_unique(model, self.data.sentences, batch_size, dtype)

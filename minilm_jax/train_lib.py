@@ -326,6 +326,11 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     try:
         run_data = load_run_data(cfg, programs.spec.loss)
         evaluators = build_evaluators(cfg, run_data)
+        if evaluators:  # the evaluation's programs too, after the train programs, before the first evaluation
+            from minilm_jax.encode import warm_up
+
+            calls = [texts for ev in evaluators for texts in ev.encode_calls()]
+            compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.

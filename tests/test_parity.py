@@ -241,3 +241,20 @@ def test_other_sentence_settings_match_sentence_transformers(variant_folder, lon
     assert 100 not in ours[0], "mixed case became [UNK]: do_lower_case was not applied"
     diff = np.abs(minilm_jax.encode(texts, model) - st.encode(texts, convert_to_numpy=True)).max()
     assert diff <= EMBED_TOL
+
+
+@pytest.mark.parametrize("dim", [128, 64])
+def test_truncate_dim_matches_sentence_transformers(st_model, jax_model, sentences, dim):
+    """encode(truncate_dim=k) (a model trained with MatryoshkaLoss) keeps the first k values of the
+    normalised embedding, as sentence-transformers' truncate_dim; similarity renormalises."""
+    import minilm_jax
+
+    texts = sentences[:64]
+    ours = minilm_jax.encode(texts, jax_model, truncate_dim=dim)
+    theirs = st_model.encode(texts, truncate_dim=dim, convert_to_numpy=True)
+    assert ours.shape == theirs.shape == (64, dim)
+    assert np.abs(ours - theirs).max() <= EMBED_TOL
+    np.testing.assert_allclose(minilm_jax.similarity(ours, ours), st_model.similarity(theirs, theirs).numpy(),
+                               atol=1e-5)
+    with pytest.raises(minilm_jax.UserError, match="truncate_dim"):
+        minilm_jax.encode(texts[:2], jax_model, truncate_dim=385)

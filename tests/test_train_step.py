@@ -180,3 +180,23 @@ def test_several_steps_per_dispatch_train_as_one(model_path, data_dir, tmp_path)
     np.testing.assert_allclose(losses3, losses1, rtol=1e-5)
     for name, w in weights1.items():
         np.testing.assert_allclose(weights3[name], w, rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_evaluation_programs_are_compiled_before_the_evaluation(jax_model, data_dir):
+    """What train.py runs on its compile thread before the first evaluation: encode.warm_up over the
+    evaluators' encode calls compiles every program their evaluation needs, so the evaluation
+    itself compiles none."""
+    from minilm_jax.encode import compiled_programs, warm_up
+    from minilm_jax.evaluators import build_evaluator
+    from minilm_jax.pairs import load_pairs
+
+    pairs = load_pairs(str(data_dir / "quora_dev.tsv")).select(np.arange(300))
+    evaluators = [build_evaluator(name, pairs=pairs) for name in ("similarity", "binary")]
+    model = jax_model.replace(params=jax.tree.map(np.asarray, jax_model.params))  # host weights, as a run's
+    # bfloat16: programs no other test compiles, so that the warm-up has them all to compile.
+    warmed = warm_up([t for ev in evaluators for t in ev.encode_calls()], model, batch_size=32, dtype="bfloat16")
+    assert warmed > 1
+    before = compiled_programs()
+    for ev in evaluators:
+        ev.evaluate(model, batch_size=32, dtype="bfloat16")
+    assert compiled_programs() == before
