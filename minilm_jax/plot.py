@@ -1,6 +1,7 @@
-"""training.png: training loss and evaluation correlations against the step, from the records of
+"""training.png: training loss and evaluation metrics against the step, from the records of
 metrics.jsonl ({"step", "epoch", "loss", "learning_rate", "pairs_per_second", and on evaluation
-steps "eval_pearson_cosine", "eval_spearman_cosine"}).
+steps "eval_<metric>": by default the correlations "eval_spearman_cosine", "eval_pearson_cosine",
+or the evaluators' primary metrics the caller names).
 
 matplotlib is imported inside `plot_training`, so `import minilm_jax` stays light.
 """
@@ -10,8 +11,8 @@ from __future__ import annotations
 import os
 import tempfile
 
-_EVAL_SERIES = (("eval_spearman_cosine", "spearman_cosine", "tab:blue"),
-                ("eval_pearson_cosine", "pearson_cosine", "tab:orange"))
+DEFAULT_EVAL_KEYS = ("eval_spearman_cosine", "eval_pearson_cosine")
+_COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:purple", "tab:brown")
 _MARKERS_BELOW = 30  # points; with fewer, each one is drawn so that a single record still shows
 
 
@@ -26,8 +27,9 @@ def _say_empty(axes, text: str) -> None:
     axes.set_yticks([])
 
 
-def plot_training(records: list[dict], path: str) -> None:
-    """Write a PNG with two panels, training loss and evaluation correlations, both against the step.
+def plot_training(records: list[dict], path: str, eval_keys=DEFAULT_EVAL_KEYS, loss_name: str = "cosine MSE") -> None:
+    """Write a PNG with two panels, training loss and the evaluation metrics `eval_keys`, both against
+    the step.
 
     The image is written to a temporary file beside `path` and renamed over it, so `path` is
     either the old image or the new one, never half of one."""
@@ -47,20 +49,20 @@ def plot_training(records: list[dict], path: str) -> None:
                        marker="o" if len(steps) < _MARKERS_BELOW else None, markersize=3)
     else:
         _say_empty(loss_axes, "no training loss logged")
-    loss_axes.set(title="Training loss", xlabel="step", ylabel="loss (cosine MSE)")
+    loss_axes.set(title="Training loss", xlabel="step", ylabel=f"loss ({loss_name})")
     loss_axes.grid(alpha=0.3)
 
     any_eval = False
-    for key, label, color in _EVAL_SERIES:
+    for key, color in zip(eval_keys, _COLORS * len(eval_keys)):
         steps, values = _series(records, key)
         if steps:
             any_eval = True
-            eval_axes.plot(steps, values, color=color, marker="o", markersize=4, label=label)
+            eval_axes.plot(steps, values, color=color, marker="o", markersize=4, label=key.removeprefix("eval_"))
     if any_eval:
         eval_axes.legend(loc="lower right")
     else:
         _say_empty(eval_axes, "no evaluation in this run")
-    eval_axes.set(title="Evaluation", xlabel="step", ylabel="correlation")
+    eval_axes.set(title="Evaluation", xlabel="step", ylabel="metric")
     eval_axes.grid(alpha=0.3)
 
     for axes in (loss_axes, eval_axes):

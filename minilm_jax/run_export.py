@@ -35,7 +35,8 @@ def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, fi
     from minilm_jax.plot import plot_training
 
     records = read_metrics(out / "metrics.jsonl", total_steps)
-    plot_training(records, str(out / "training.png"))
+    eval_keys = [f"eval_{evaluator.primary_metric}" for evaluator, _ in final_eval]
+    plot_training(records, str(out / "training.png"), eval_keys or ("eval_spearman_cosine",), loss.name)
     card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices, loss))
     checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
                                              extra_files={"README.md": card})
