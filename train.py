@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--packed-tokens", type=int, default=d.packed_tokens,
                    help="tokens per device in the packed batch most steps run in; a step that does not fit "
-                   "runs as micro-batches, with the same result. 0: 20 per sentence (default: %(default)s)")
+                   "runs as micro-batches, with the same result. 0: 18 per sentence (default: %(default)s)")
     g = p.add_argument_group("output")
     g.add_argument("--output-dir", default=d.output_dir, help="default: %(default)s")
     g.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps (default: %(default)s)")

@@ -38,8 +38,11 @@ def quora_tokens(jax_model, data_dir):
 
 def test_shapes_follow_from_the_options():
     shapes = data_lib.step_shapes(16, 2, 256)
-    assert (shapes.sentences, shapes.fast_rows, shapes.fast_length) == (32, 10, 64)
+    assert (shapes.sentences, shapes.fast_rows, shapes.fast_length) == (32, 9, 64)
     assert (shapes.micro_rows, shapes.micro_length, shapes.micro_batches) == (3, 256, 11)
+    assert shapes.programs == ("fast", "general")
+    cached = data_lib.step_shapes(512, 2, 256, mini_batch_size=32)  # GradCache: micro-batches only
+    assert (cached.fast_rows, cached.micro_rows, cached.micro_batches, cached.programs) == (0, 3, 342, ("general",))
     assert data_lib.step_shapes(16, 2, 256, tokens_per_device=1000).fast_rows == 16
     assert data_lib.step_shapes(2, 3, 32).fast_length == 32  # rows no longer than the longest sentence
 
@@ -70,8 +73,8 @@ def test_every_dispatch_has_its_program_s_shapes(quora_tokens, steps_per_dispatc
         else:
             assert steps <= general
     assert seen["fast"] and seen["general"] and general
-    # 2-3% of Quora steps hold a sentence longer than a fast row or too many tokens.
-    assert len(general) / total < 0.1
+    # About 11% of Quora steps hold a sentence longer than a fast row or too many tokens.
+    assert len(general) / total < 0.2
 
 
 def test_general_program_gives_the_fast_program_s_loss_and_gradient(jax_model, quora_tokens):
