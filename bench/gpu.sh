@@ -23,8 +23,7 @@
 # (the scripts write their JSON after each batch size).
 #
 # Compile time is what makes GPU runs slow (an earlier try lost two 75 s steps to it), so:
-#  - ours runs with --one-shape (every dispatch padded to the largest packed shape of the timed
-#    steps: one program per batch size) and --compilation-cache (a persistent cache, $GPU_BENCH_CACHE,
+#  - ours runs its two fixed-shape programs (train_step.py) with --compilation-cache (a persistent cache, $GPU_BENCH_CACHE,
 #    default /tmp/gpu-bench-xla-cache, shared by the steps and by later runs on the same machine:
 #    `dispatch` after `all` reuses the K=1 float32 program);
 #  - encode uses 10,000 sentences (fewer long-tail bucket shapes than 20,000);
@@ -112,7 +111,7 @@ else
 fi
 COMMON="--device $DEVICE --model $MODEL_DIR --compilation-cache $CACHE"
 ENC="bench/encode.py --n $N --batch-sizes $EB --passes $PASSES $COMMON"
-TRN="bench/train.py --batch-sizes $TB --steps $STEPS --passes $PASSES --one-shape $COMMON"
+TRN="bench/train.py --batch-sizes $TB --steps $STEPS --passes $PASSES $COMMON"
 B16=${TB%% *}
 case "$MODE" in
   all)
@@ -129,7 +128,7 @@ case "$MODE" in
   dispatch)
     for k in 1 $K1 $K2; do
       step train_k$k 150 bench/train.py --which ours --batch-sizes $B16 --steps $KSTEPS --passes $PASSES \
-        --one-shape --steps-per-dispatch $k --dtype float32 --precision highest $COMMON
+        --steps-per-dispatch $k --dtype float32 --precision highest $COMMON
     done ;;
 esac
 
