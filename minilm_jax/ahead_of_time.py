@@ -103,13 +103,13 @@ class AheadOfTime:
     def report(self) -> dict:
         """compile_seconds (every program's lowering and compiling or loading, whether the run waited
         for it or not), compiled_programs (how many were compiled, not loaded from the cache) and
-        cached_programs; with a warm-up, eval_compile_seconds and eval_programs too."""
+        cached_programs; with a warm-up, evaluation_compile_seconds and evaluation_programs too."""
         report = {"compile_seconds": round(sum(p.seconds for p in self.compiled), 3),
                   "compiled_programs": sum(not p.from_cache for p in self.compiled),
                   "cached_programs": sum(p.from_cache for p in self.compiled)}
         if self.warm_ups:  # the evaluation's (encode's) programs, compiled or loaded by running them
-            report.update(eval_compile_seconds=round(sum(s for s, _ in self.warm_ups), 3),
-                          eval_programs=sum(n for _, n in self.warm_ups))
+            report.update(evaluation_compile_seconds=round(sum(s for s, _ in self.warm_ups), 3),
+                          evaluation_programs=sum(n for _, n in self.warm_ups))
         return report
 
     def close(self) -> None:

@@ -428,6 +428,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
 
     def evaluate(params) -> list:
         """[(evaluator, its metrics)], sentence-transformers' keys."""
+        if programs.compiler.submitted("evaluation"):
+            programs.compiler.get("evaluation")  # its programs, not compiled twice by both threads
         scored = model.replace(params=params)
         return [(ev, ev.evaluate(scored, cfg.eval_batch_size, cfg.dtype)) for ev in evaluators]
 

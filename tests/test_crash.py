@@ -237,17 +237,17 @@ def test_a_second_run_on_the_same_output_folder_is_refused(setup):
 NAN_SCRIPT = """
 import sys
 import jax.numpy as jnp
-import minilm_jax.train_lib as train_lib
+import minilm_jax.losses as losses
 
 SENTINEL = float(sys.argv[1])
-real_terms = train_lib.cosine_mse_terms
+real_terms = losses.cosine_mse_terms
 
 def poisoned_terms(u, v, labels, weights):
     # NaN for every batch that holds the pair labelled SENTINEL: the loss and every gradient go non-finite.
     poison = jnp.where(jnp.any(labels == jnp.float32(SENTINEL)), jnp.nan, 1.0)
     return real_terms(u, v, labels, weights) * poison
 
-train_lib.cosine_mse_terms = poisoned_terms
+losses.cosine_mse_terms = poisoned_terms
 import train
 sys.exit(train.main(sys.argv[2:]))
 """

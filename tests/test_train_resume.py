@@ -86,7 +86,8 @@ def records(run_dir: Path) -> list[dict]:
 
 def without_speed(recs: list[dict]) -> list[dict]:
     """What a process measured about itself (speed, compilation) left out."""
-    own = {"pairs_per_second", "compile_seconds", "compiled_programs", "cached_programs"}
+    own = {"pairs_per_second", "compile_seconds", "compiled_programs", "cached_programs", "evaluation_compile_seconds",
+           "evaluation_programs"}
     return [{k: v for k, v in r.items() if k not in own} for r in recs]
 
 
