@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -187,6 +188,8 @@ def initialize(options: Options) -> None:
         kwargs.update(coordinator_address=options.coordinator_address, num_processes=options.num_processes,
                       process_id=options.process_id, cluster_detection_method="deactivate")
     global _ACTIVE
+    if options.coordinator_address is not None and options.process_id == 0:
+        _check_coordinator_port(options.coordinator_address)
     try:
         jax.distributed.initialize(**kwargs)
     except ValueError:  # auto-detection found no cluster ("coordinator_address should be defined.")
@@ -195,9 +198,7 @@ def initialize(options: Options) -> None:
                          "HOST:PORT --num-processes N --process-id I on every process") from None
     except jax.errors.JaxRuntimeError as e:
         if "Failed to start RPC server" in str(e):
-            raise UserError(f"process 0 could not start the coordinator on {options.coordinator_address or 'its port'}"
-                            " (the port is in use or not allowed); choose another port in --coordinator-address, "
-                            "the same on every process") from None
+            raise UserError(_port_taken_message(options.coordinator_address)) from None
         raise
     _ACTIVE = options
     info = os.environ.get(WORKER_ENV)
@@ -208,6 +209,38 @@ def initialize(options: Options) -> None:
         with open(info, "w", encoding="utf-8") as f:
             json.dump({"process_id": jax.process_index(), "num_processes": jax.process_count(),
                        "coordinator_address": address or options.coordinator_address}, f)
+
+
+def _port_taken_message(address: str | None) -> str:
+    return (f"process 0 could not start the coordinator on {address or 'its port'} (the port is in use or not "
+            "allowed); choose another port in --coordinator-address, the same on every process")
+
+
+def _check_coordinator_port(address: str) -> None:
+    """A UserError if process 0 cannot listen on the coordinator's port.
+
+    The coordination service listens on every interface ([::]:PORT). When that port is taken, gRPC's
+    failure sometimes comes back as an error and sometimes as a crash (SIGSEGV) inside jax, so the port
+    is tried here first, as gRPC binds it (SO_REUSEADDR: a port in TIME_WAIT is free, a listener is not).
+    """
+    _, port = split_address(address)
+    for family, host in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+        except OSError:  # no IPv6 on this host: try IPv4
+            continue
+        with probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                with contextlib.suppress(OSError):
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)  # dual stack, as gRPC
+            try:
+                probe.bind((host, port))
+            except OSError as e:
+                if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise UserError(_port_taken_message(address)) from None
+                continue  # e.g. IPv6 disabled: try IPv4
+            return
 
 
 # ----------------------------------------------------------------------------- failures in Python
@@ -315,6 +348,7 @@ class _StderrFilter:
         self.held: list[bytes] = []
         self.hold_until: float | None = None
         self.fatal = False
+        self.port_failure = False  # gRPC could not listen on the coordinator's port (it may crash after)
 
     def feed(self, data: bytes) -> None:
         self.pending += data
@@ -327,6 +361,8 @@ class _StderrFilter:
         self.out.flush()
 
     def _segment(self, segment: bytes) -> None:
+        if b"Failed to add port to server" in segment:
+            self.port_failure = True
         if self.fatal:
             self.held.append(segment)
             return
@@ -478,6 +514,9 @@ def supervise(command: Sequence[str], options: Options) -> int:
             os.remove(info_path)
     if fatal is not None:
         print(f"error: {explain_fatal(fatal, options, who)}", file=sys.stderr)
+        return 1
+    if rc < 0 and out.port_failure and who.get("process_id", options.process_id) == 0:  # lost the race to the port
+        print(f"error: {_port_taken_message(options.coordinator_address)}", file=sys.stderr)
         return 1
     if rc < 0:
         name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
