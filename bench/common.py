@@ -357,6 +357,50 @@ def now() -> float:
     return time.perf_counter()
 
 
+def load_st_model(args, seed: int | None = None):
+    """sentence-transformers' model of --model on --device (auto: cuda if torch sees one), torch's
+    threads set on CPU: (torch, model, device, a line naming the device)."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cpu":
+        torch.set_num_threads(args.torch_threads)
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = SentenceTransformer(args.model, device=device)
+    name = (torch.cuda.get_device_name() if device == "cuda"
+            else f"{torch.get_num_threads()} threads, CPUs {sorted(os.sched_getaffinity(0))}")
+    return torch, model, device, f"{device}:{name}"
+
+
+def script_setup(args) -> None:
+    """What every benchmark's main does first: offline, quiet, and --model defaulted."""
+    offline_env()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if getattr(args, "model", "") is None:
+        args.model = default_model_path()
+
+
+def run_python(argv: list[str], env: dict | None = None, what: str = "") -> tuple[float, subprocess.CompletedProcess]:
+    """A fresh Python process from the repository root, stdout captured: (its wall seconds, the process).
+    A failure ends the benchmark (the process's messages went to stderr, above)."""
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), str(BENCH_DIR),
+                                                         full_env.get("PYTHONPATH", "")) if p)
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO_ROOT, env=full_env, stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"error: {what or argv[0]} failed with exit status {proc.returncode} (its messages are above)")
+    return seconds, proc
+
+
+def last_json(proc: subprocess.CompletedProcess) -> dict:
+    """The last JSON line a process printed (train.py's and evaluate.py's final figures)."""
+    return json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+
+
 class Tee:
     """Print to stdout and, if given, append the same text to a log file."""
 

@@ -118,20 +118,11 @@ def st_worker(args) -> None:
 
     def setup(sentences_file: str) -> dict:
         t0 = common.now()
-        import torch
-        from sentence_transformers import SentenceTransformer
-
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            torch.set_num_threads(args.torch_threads)
-        state["torch"] = torch
-        state["device"] = device
-        state["sentences"] = json.loads(Path(sentences_file).read_text(encoding="utf-8"))
-        state["model"] = SentenceTransformer(args.model, device=device)
-        state["model"].eval()
-        name = (torch.cuda.get_device_name() if device == "cuda"
-                else f"{torch.get_num_threads()} threads, CPUs {sorted(os.sched_getaffinity(0))}")
-        return {"load_s": common.now() - t0, "device": f"{device}:{name}"}
+        torch, model, device, device_line = common.load_st_model(args)
+        state.update(torch=torch, device=device, model=model,
+                     sentences=json.loads(Path(sentences_file).read_text(encoding="utf-8")))
+        model.eval()
+        return {"load_s": common.now() - t0, "device": device_line}
 
     def _sync():
         if state["device"] == "cuda":

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -157,18 +156,6 @@ def ours_eval_worker(args) -> dict:
     return {"ours_eval": {k: float(v) for k, v in result.items()}}
 
 
-def run_python(argv: list[str], env: dict | None = None, what: str = "") -> subprocess.CompletedProcess:
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO_ROOT), str(common.BENCH_DIR),
-                                                         full_env.get("PYTHONPATH", "")) if p)
-    proc = subprocess.run([sys.executable, *argv], cwd=common.REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
-                          text=True)
-    if proc.returncode != 0:
-        sys.exit(f"error: {what or argv[0]} failed with exit status {proc.returncode} (its messages are above)")
-    return proc
-
-
 def worker_call(args, worker: str, model: str, out: Path, env=None) -> dict:
     result_file = out / f"{worker}-{abs(hash(model)) % 10**8}.json"
     argv = [str(Path(__file__).resolve()), "--worker", worker, "--worker-model", model, "--worker-out", str(out),
@@ -176,16 +163,13 @@ def worker_call(args, worker: str, model: str, out: Path, env=None) -> dict:
             "--device", args.device, "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
             "--max-steps", str(args.max_steps), "--eval-limit", str(args.eval_limit),
             "--torch-threads", str(args.torch_threads), "--json", str(result_file)]
-    run_python(argv, env, what=f"the {worker} step")
+    common.run_python(argv, env, what=f"the {worker} step")
     return json.loads(result_file.read_text(encoding="utf-8"))
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.offline_env()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.model is None:
-        args.model = common.default_model_path()
+    common.script_setup(args)
     data_dir = common.default_data_dir()
     args.train_file = args.train_file or str(data_dir / "quora_train.tsv")
     args.eval_file = args.eval_file or str(Path(args.train_file).parent / "quora_dev.tsv")
@@ -216,10 +200,8 @@ def main(argv=None) -> int:
                       args.eval_file, "--output-dir", str(out / "ours"), "--model", args.model, "--epochs",
                       str(args.epochs), "--batch-size", str(args.batch_size), "--max-steps", str(args.max_steps),
                       "--seed", str(SEED), "--no-progress", *args.ours_args.split()]
-        t0 = time.perf_counter()
-        proc = run_python(train_argv, jax_env, what="train.py")
-        wall = time.perf_counter() - t0
-        final = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+        wall, proc = common.run_python(train_argv, jax_env, what="train.py")
+        final = common.last_json(proc)
         records = [json.loads(line) for line in (out / "ours" / "metrics.jsonl").read_text().splitlines() if line]
         rates = [r["pairs_per_second"] for r in records if r.get("pairs_per_second")]
         steps = max((r["step"] for r in records), default=0)

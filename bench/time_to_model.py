@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -90,19 +88,6 @@ def st_worker(args) -> dict:
             "train_s": float(result.metrics["train_runtime"])}
 
 
-def timed(argv: list[str], env: dict) -> tuple[float, subprocess.CompletedProcess]:
-    full_env = {**os.environ, **env}
-    full_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(common.REPO_ROOT), str(common.BENCH_DIR),
-                                                         full_env.get("PYTHONPATH", "")) if p)
-    start = time.perf_counter()
-    proc = subprocess.run([sys.executable, *argv], cwd=common.REPO_ROOT, env=full_env, stdout=subprocess.PIPE,
-                          text=True)
-    seconds = time.perf_counter() - start
-    if proc.returncode != 0:
-        sys.exit(f"error: {argv[0]} failed with exit status {proc.returncode} (its messages are above)")
-    return seconds, proc
-
-
 def run_ours(args, train_file: Path, out: Path, cache: Path, seed: int, learning_rate: float) -> dict:
     env = {"MINILM_JAX_CACHE_DIR": str(cache)}
     if args.device == "cpu":
@@ -110,8 +95,8 @@ def run_ours(args, train_file: Path, out: Path, cache: Path, seed: int, learning
     argv = [str(common.REPO_ROOT / "train.py"), "--train-file", str(train_file), "--output-dir", str(out),
             "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size), "--seed", str(seed),
             "--learning-rate", str(learning_rate), "--no-progress", "--log-every", "50", *args.ours_args.split()]
-    seconds, proc = timed(argv, env)
-    final = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+    seconds, proc = common.run_python(argv, env, "train.py")
+    final = common.last_json(proc)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
     rates = [r["pairs_per_second"] for r in records if r.get("pairs_per_second")]
     return {"wall_s": seconds, "steps": final["steps"], "pairs_per_second": common.median(rates) if rates else None,
@@ -124,16 +109,13 @@ def run_theirs(args, train_file: Path, out: Path) -> dict:
     argv = [str(Path(__file__).resolve()), "--worker", "st", "--train-file", str(train_file), "--worker-out",
             str(out), "--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size),
             "--torch-threads", str(args.torch_threads), "--json", str(result_file)]
-    seconds, _ = timed(argv, {})
+    seconds, _ = common.run_python(argv, {}, "the sentence-transformers training")
     return {"wall_s": seconds, **json.loads(result_file.read_text(encoding="utf-8"))}
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.offline_env()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if args.model is None:
-        args.model = common.default_model_path()
+    common.script_setup(args)
     if args.worker:
         result = st_worker(args)
         Path(args.json).write_text(json.dumps(result), encoding="utf-8")

@@ -221,20 +221,12 @@ def st_worker(args) -> None:
     def setup(train_file: str) -> dict:
         t0 = common.now()
         import numpy as np
-        import torch
-        from sentence_transformers import SentenceTransformer
 
-        device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-        if device == "cpu":
-            torch.set_num_threads(args.torch_threads)
-        torch.manual_seed(SEED)
-        model = SentenceTransformer(args.model, device=device)
+        torch, model, device, device_line = common.load_st_model(args, seed=SEED)
         s1, s2, scores = common.read_pairs_tsv(train_file)
         state.update(torch=torch, np=np, model=model, device=device, s1=s1, s2=s2,
                      scores=np.asarray(scores, np.float32))
-        name = (torch.cuda.get_device_name() if device == "cuda"
-                else f"{torch.get_num_threads()} threads, CPUs {sorted(os.sched_getaffinity(0))}")
-        return {"load_s": common.now() - t0, "device": f"{device}:{name}", "n_pairs": len(s1)}
+        return {"load_s": common.now() - t0, "device": device_line, "n_pairs": len(s1)}
 
     def _sync():
         if state["device"] == "cuda":
