@@ -403,3 +403,17 @@ def test_a_coordinator_port_in_use_is_named(setup, tmp_path):
                               capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert_user_error(proc, 1, f"process 0 could not start the coordinator on 127.0.0.1:{port}", "choose another port")
     assert not (tmp_path / "out").exists()
+
+
+def test_process_0_tries_the_coordinator_port_before_jax():
+    # gRPC sometimes crashes (SIGSEGV) on a taken port instead of raising, so the port is tried first.
+    from minilm_jax import distributed
+    from minilm_jax.errors import UserError
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(UserError, match=f"could not start the coordinator on 127.0.0.1:{port}"):
+            distributed._check_coordinator_port(f"127.0.0.1:{port}")
+    distributed._check_coordinator_port(f"127.0.0.1:{free_port()}")  # a free port passes
