@@ -374,10 +374,13 @@ def load_st_model(args, seed: int | None = None):
     return torch, model, device, f"{device}:{name}"
 
 
-def script_setup(args) -> None:
-    """What every benchmark's main does first: offline, quiet, and --model defaulted."""
+def script_setup(args, tokenizer_threads: bool = False) -> None:
+    """What every benchmark's main does first: offline, quiet, and --model defaulted.
+    tokenizer_threads False: the tokenizers library's own thread pool off (the scripts that start
+    training processes, where it would fight the training for the cores)."""
     offline_env()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not tokenizer_threads:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if getattr(args, "model", "") is None:
         args.model = default_model_path()
 

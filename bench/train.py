@@ -337,9 +337,7 @@ def st_worker(args) -> None:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.offline_env()
-    if args.model is None:
-        args.model = common.default_model_path()
+    common.script_setup(args, tokenizer_threads=True)  # as before: both libraries tokenise as they do by default
     if args.worker == "ours":
         ours_worker(args)
         return 0
