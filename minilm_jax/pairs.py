@@ -152,11 +152,37 @@ def read_table(path: str, columns: Columns, score_required: bool = True) -> tupl
             if isinstance(root, UnicodeDecodeError):
                 raise UserError(f"{path} is not valid UTF-8 ({root.reason} at byte {root.start}); "
                                 "save the file as UTF-8") from None
+            if builder == "json":  # arrow's reader says "Trailing data" for a bad line: find the line
+                _check_json_lines(path)
             raise UserError(f"{path} could not be parsed: {str(root).strip().splitlines()[0] if str(root).strip() else type(root).__name__}"
                             "; check that every row has the same columns") from None
         wanted = _wanted(columns, table.column_names, score_required)
         _check_columns(path, table.column_names, wanted)
         return {name: table[name] for name in wanted}, first_line
+
+
+def _check_json_lines(path: str) -> None:
+    """A UserError naming the first line of a JSON Lines file that is not one JSON object of valid
+    Unicode text (arrow's reader refuses an escaped lone surrogate such as "\\udce9" with
+    "Trailing data"); returns if every line is fine."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise UserError(f"{path} line {number} is not valid JSON ({e}); write one JSON object per line") from None
+            for key, value in (row.items() if isinstance(row, dict) else ()):
+                if isinstance(value, str):
+                    try:
+                        value.encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise UserError(f"{path} line {number}: {key!r} holds the lone surrogate {value[e.start]!r} at "
+                                        f"character {e.start} (an escaped half of a surrogate pair); write the character "
+                                        "itself or its whole pair, or remove it") from None
 
 
 def _wanted(columns: Columns, found: list[str], score_required: bool) -> list[str]:

@@ -556,6 +556,12 @@ CASES = [
         ("a b", "c d", 0.5), (42, "e f", 0.7)))), error=(1, "p.jsonl line 2: sentence1 is int 42, not text")),
     Case("evaluate-null-sentence-jsonl", "evaluate.py", _eval(lambda ctx: ctx.file("p.jsonl", _jsonl(
         ("a b", "c d", 0.5), ("x", None, 0.7)))), error=(1, "p.jsonl line 2: sentence2 is NoneType None, not text")),
+    Case("evaluate-lone-surrogate-jsonl", "evaluate.py", _eval(lambda ctx: ctx.file("p.jsonl", _jsonl(
+        ("a b", "c d", 0.5)) + '{"sentence1": "caf\\udce9", "sentence2": "e", "score": 0.1}\n')),
+         error=(1, "p.jsonl line 2: 'sentence1' holds the lone surrogate '\\udce9' at character 3", "remove it")),
+    Case("evaluate-broken-line-jsonl", "evaluate.py", _eval(lambda ctx: ctx.file("p.jsonl", _jsonl(
+        ("a b", "c d", 0.5)) + '{"sentence1": "x" "sentence2": "e", "score": 0.1}\n')),
+         error=(1, "p.jsonl line 2 is not valid JSON", "one JSON object per line")),
     Case("evaluate-missing-pairs-file", "evaluate.py", _eval(lambda ctx: ctx.tmp / "nope.tsv"),
          error=(1, "does not exist")),
     Case("evaluate-batch-size-0", "evaluate.py", _eval(lambda ctx: ctx.tsv(), "--batch-size", "0"),
