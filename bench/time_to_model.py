@@ -88,13 +88,23 @@ def st_worker(args) -> dict:
             "train_s": float(result.metrics["train_runtime"])}
 
 
+def log_every(args) -> int:
+    """50 steps, or a quarter of a short run's, so that every run logs its pairs/s."""
+    steps = -(-args.pairs // args.batch_size)
+    return max(1, min(50, steps // 4))
+
+
+def _rate(r: dict) -> str:
+    return f"{r['pairs_per_second']:.1f}" if r.get("pairs_per_second") else "-"
+
+
 def run_ours(args, train_file: Path, out: Path, cache: Path, seed: int, learning_rate: float) -> dict:
     env = {"MINILM_JAX_CACHE_DIR": str(cache)}
     if args.device == "cpu":
         env["JAX_PLATFORMS"] = "cpu"
     argv = [str(common.REPO_ROOT / "train.py"), "--train-file", str(train_file), "--output-dir", str(out),
             "--model", args.model, "--epochs", "1", "--batch-size", str(args.batch_size), "--seed", str(seed),
-            "--learning-rate", str(learning_rate), "--no-progress", "--log-every", "50", *args.ours_args.split()]
+            "--learning-rate", str(learning_rate), "--no-progress", "--log-every", str(log_every(args)), *args.ours_args.split()]
     seconds, proc = common.run_python(argv, env, "train.py")
     final = common.last_json(proc)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line]
@@ -153,12 +163,12 @@ def main(argv=None) -> int:
                             ("st", "SentenceTransformerTrainer")):
             if name in row:
                 r = row[name]
-                rows.append([label, r["steps"], f"{r['wall_s']:.1f}", f"{r['pairs_per_second']:.1f}",
+                rows.append([label, r["steps"], f"{r['wall_s']:.1f}", _rate(r),
                              f"{r.get('compile_seconds', '-')}", r.get("compiled_programs", "-"),
                              r.get("cached_programs", "-")])
         say(common.table(["process (start to exported model)", "steps", "wall s", "pairs/s (training)",
                           "compile s", "compiled", "from cache"], rows, title=f"pass {k}"))
-        if "st" in row and "ours_cold" in row:
+        if "st" in row and "ours_cold" in row and all(row[n].get("pairs_per_second") for n in ("st", "ours_cold", "ours_warm")):
             say(f"whole process, theirs / ours: cold {row['st']['wall_s'] / row['ours_cold']['wall_s']:.2f}x, "
                 f"warm {row['st']['wall_s'] / row['ours_warm']['wall_s']:.2f}x; training throughput ours / "
                 f"theirs {row['ours_cold']['pairs_per_second'] / row['st']['pairs_per_second']:.2f}x (cold run), "

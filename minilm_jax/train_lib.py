@@ -445,6 +445,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     def settle(item):
         first, n, metrics = item
         host = jax.device_get(metrics)
+        log.dispatch(n)
         for k in range(n):
             step = first + k + 1
             if not bool(host["finite"][0, k]):
@@ -519,7 +520,8 @@ class _Logger:
         self.path, self.cfg, self.compiler = path, cfg, compiler
         self.losses, self.grad_norms = [], []
         self.timed_steps, self.timed_seconds = 0, 0.0
-        self.clock = None  # starts after the first settled step, so compilation is not timed
+        self.clock = None  # starts after the first settled dispatch, so compilation is not timed
+        self.share = None  # seconds per step of the dispatch being settled (None: not timed)
         self.bar = None
         if progress:
             from tqdm.auto import tqdm
@@ -527,12 +529,18 @@ class _Logger:
             self.bar = tqdm(total=total, initial=start, desc="train", unit="step", dynamic_ncols=True,
                             file=sys.stderr)
 
-    def step(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float) -> None:
+    def dispatch(self, n: int) -> None:
+        """A dispatch of n steps has settled: its time since the previous one, shared evenly by its
+        steps (they arrive together, so timing each step on arrival would give all the time to the
+        first and none to the others, and a log interval inside a dispatch would read ~0 s)."""
         now = time.perf_counter()
-        if self.clock is not None:
-            self.timed_steps += 1
-            self.timed_seconds += now - self.clock
+        self.share = None if self.clock is None else (now - self.clock) / n
         self.clock = now
+
+    def step(self, step: int, loss: float, lr: float, grad_norm: float, epoch: float) -> None:
+        if self.share is not None:
+            self.timed_steps += 1
+            self.timed_seconds += self.share
         self.losses.append(loss)
         self.grad_norms.append(grad_norm)
         if self.bar is not None:

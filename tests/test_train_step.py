@@ -203,3 +203,27 @@ def test_evaluation_programs_are_compiled_before_the_evaluation(jax_model, data_
     for ev in evaluators:
         ev.evaluate(model, batch_size=32, dtype="bfloat16")
     assert compiled_programs() == before
+
+
+def test_logged_pairs_per_second_shares_each_dispatch_s_time_among_its_steps(tmp_path, monkeypatch):
+    # Several steps per dispatch arrive together; a log interval inside a dispatch must not read ~0 s.
+    import types
+
+    from minilm_jax import train_lib
+
+    clock = iter([0.0, 1.0, 3.0])  # perf_counter at each settled dispatch
+    monkeypatch.setattr(train_lib, "time", types.SimpleNamespace(perf_counter=lambda: next(clock)))
+    compiler = types.SimpleNamespace(report=lambda: {})
+    cfg = train_lib.TrainConfig(batch_size=16, log_every=3)
+    log = train_lib._Logger(tmp_path / "metrics.jsonl", 12, 0, cfg, False, compiler)
+    step = 0
+    for n in (4, 4, 4):  # three dispatches of 4 steps: 1 s, then 2 s
+        log.dispatch(n)
+        for _ in range(n):
+            step += 1
+            log.step(step, 0.1, 1e-5, 1.0, step / 12)
+    records = {r["step"]: r["pairs_per_second"] for r in map(json.loads, (tmp_path / "metrics.jsonl").open())}
+    assert records[3] is None  # the first dispatch (compilation) is not timed
+    assert records[6] == pytest.approx(2 * 16 / 0.5)  # steps 5-6: half of the second dispatch's 1 s
+    assert records[9] == pytest.approx(3 * 16 / 1.0)  # steps 7-8 (0.25 s each) and 9 (0.5 s)
+    assert records[12] == pytest.approx(3 * 16 / 1.5)
