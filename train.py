@@ -134,7 +134,8 @@ def main(argv=None):
         return distributed.supervise([sys.executable, os.path.abspath(__file__), *argv], several)
     args = vars(build_parser().parse_args(argv))
     progress = args.pop("progress")
-    distributed.options_from_args(args)
+    for name in distributed.ARGUMENT_NAMES:  # parsed above, before anything started
+        del args[name]
     with distributed.failures_reported(several):
         if several.enabled:
             distributed.initialize(several)

@@ -374,6 +374,19 @@ def load_st_model(args, seed: int | None = None):
     return torch, model, device, f"{device}:{name}"
 
 
+def recipe_training_arguments(out: Path, *, epochs: int, batch_size: int, seed: int, device: str, max_steps: int = 0,
+                               logging_steps: int = 100, **extra):
+    """sentence-transformers' trainer arguments for the reference recipe's optimizer (AdamW lr 5e-5,
+    linear decay to 0, no warm-up, weight decay 0, clip 1), no evaluation and no checkpoints."""
+    from sentence_transformers import SentenceTransformerTrainingArguments
+
+    return SentenceTransformerTrainingArguments(
+        output_dir=str(out / "trainer"), num_train_epochs=epochs, max_steps=max_steps or -1,
+        per_device_train_batch_size=batch_size, learning_rate=5e-5, warmup_steps=0, weight_decay=0.0,
+        max_grad_norm=1.0, seed=seed, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
+        report_to="none", logging_steps=logging_steps, use_cpu=device == "cpu", disable_tqdm=True, **extra)
+
+
 def script_setup(args, tokenizer_threads: bool = False) -> None:
     """What every benchmark's main does first: offline, quiet, and --model defaulted.
     tokenizer_threads False: the tokenizers library's own thread pool off (the scripts that start

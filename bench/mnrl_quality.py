@@ -162,8 +162,7 @@ def st_train_worker(args) -> dict:
     """The whole sentence-transformers side in this process: import, load, train, save, evaluate."""
     torch = _torch_setup(args)
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
     from sentence_transformers.sentence_transformer.training_args import BatchSamplers
 
@@ -192,12 +191,9 @@ def st_train_worker(args) -> dict:
         for module in model.modules():
             if isinstance(module, torch.nn.Dropout):
                 module.p = 0.0
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "trainer"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size, learning_rate=5e-5, warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, seed=args.worker_seed, lr_scheduler_type="linear", batch_sampler=batch_sampler,
-        eval_strategy="no", save_strategy="no", report_to="none", logging_steps=10, use_cpu=args.device == "cpu",
-        disable_tqdm=True)
+    training_args = common.recipe_training_arguments(out, epochs=args.epochs, batch_size=args.batch_size,
+                                                     seed=args.worker_seed, device=args.device, max_steps=args.max_steps,
+                                                     logging_steps=10, batch_sampler=batch_sampler)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset, loss=loss)
     result = trainer.train()
     model.save(str(out / "model"))

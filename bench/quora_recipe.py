@@ -108,18 +108,15 @@ def st_train_worker(args) -> dict:
         from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
     except ImportError:
         from sentence_transformers.losses import CosineSimilarityLoss
-    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers import SentenceTransformerTrainer
 
     device = torch_device(args)
     s1, s2, scores = common.read_pairs_tsv(args.train_file)
     dataset = Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": scores})
     model = SentenceTransformer(args.model, device=device)
     out = Path(args.worker_out)
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "trainer"), num_train_epochs=args.epochs, max_steps=args.max_steps or -1,
-        per_device_train_batch_size=args.batch_size, learning_rate=5e-5, warmup_steps=0, weight_decay=0.0,
-        max_grad_norm=1.0, seed=SEED, lr_scheduler_type="linear", eval_strategy="no", save_strategy="no",
-        report_to="none", logging_steps=100, use_cpu=device == "cpu", disable_tqdm=True)
+    training_args = common.recipe_training_arguments(out, epochs=args.epochs, batch_size=args.batch_size, seed=SEED,
+                                                     device=device, max_steps=args.max_steps)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=CosineSimilarityLoss(model))
     if device == "cuda":

@@ -61,8 +61,7 @@ def st_worker(args) -> dict:
     """The whole sentence-transformers side in this process: import, load, train, save."""
     import torch
     from datasets import Dataset
-    from sentence_transformers import (SentenceTransformer, SentenceTransformerTrainer,
-                                       SentenceTransformerTrainingArguments)
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
     try:
         from sentence_transformers.sentence_transformer.losses import CosineSimilarityLoss
@@ -75,11 +74,8 @@ def st_worker(args) -> dict:
     dataset = Dataset.from_dict({"sentence1": s1, "sentence2": s2, "score": scores})
     model = SentenceTransformer(args.model, device=args.device)
     out = Path(args.worker_out)
-    training_args = SentenceTransformerTrainingArguments(
-        output_dir=str(out / "trainer"), num_train_epochs=1, per_device_train_batch_size=args.batch_size,
-        learning_rate=5e-5, warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
-        lr_scheduler_type="linear", eval_strategy="no", save_strategy="no", report_to="none",
-        logging_steps=100, use_cpu=args.device == "cpu", disable_tqdm=True)
+    training_args = common.recipe_training_arguments(out, epochs=1, batch_size=args.batch_size, seed=SEED,
+                                                     device=args.device)
     trainer = SentenceTransformerTrainer(model=model, args=training_args, train_dataset=dataset,
                                          loss=CosineSimilarityLoss(model))
     result = trainer.train()

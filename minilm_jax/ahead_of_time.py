@@ -56,7 +56,6 @@ class AheadOfTime:
         self._futures: dict[str, concurrent.futures.Future] = {}
         self.compiled: list[CompiledProgram] = []
         self.warm_ups: list[tuple[float, int]] = []  # (seconds, programs) of each run()
-        self.waited_seconds = 0.0  # how long callers of get() waited for compilation
 
     def submit(self, name: str, function: Callable, *example_args: Any, call_compiled: bool = True) -> None:
         """call_compiled False: get() returns `function` itself, whose first call then loads what this
@@ -93,12 +92,7 @@ class AheadOfTime:
         return name in self._futures and self._futures[name].done()
 
     def get(self, name: str):
-        future = self._futures[name]
-        if not future.done():
-            start = time.perf_counter()
-            concurrent.futures.wait([future])
-            self.waited_seconds += time.perf_counter() - start
-        return future.result()
+        return self._futures[name].result()
 
     def report(self) -> dict:
         """compile_seconds (every program's lowering and compiling or loading, whether the run waited

@@ -45,7 +45,7 @@ import time
 import traceback
 from typing import Iterator, Sequence
 
-from minilm_jax.errors import UsageError, UserError
+from minilm_jax.errors import UsageError, UserError, user_facing
 
 DEFAULT_INIT_TIMEOUT = 300  # jax's default: the hosts of a pod slice can start minutes apart
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # jax's default
@@ -298,9 +298,7 @@ def exit_on_peer_failure(exc: BaseException, options: Options | None = None) -> 
     # stopped breaks its connections too). The coordination service knows within the heartbeat
     # timeout and ends this process with its verdict, which `supervise` reports.
     heartbeat = (options or _ACTIVE or Options()).heartbeat_seconds
-    deadline = time.monotonic() + heartbeat + 15
-    while time.monotonic() < deadline:
-        time.sleep(0.5)
+    time.sleep(heartbeat + 15)
     _leave(f"lost the connection to another process during a collective ({detail}); it died, was killed or its "
            f"host became unreachable, and the coordination service named no process within {heartbeat + 15} s; "
            f"this process ({me} of {n}) stopped too. {RESUME}", 1)
@@ -317,13 +315,10 @@ def failures_reported(options: Options) -> Iterator[None]:
         yield
     except SystemExit:
         raise
-    except KeyboardInterrupt:
-        _leave("interrupted", 130)
-    except UserError as e:
-        _leave(str(e), e.exit_code)
-    except OSError as e:  # as errors.cli_main says it: a full disk, a read-only folder, a vanished file
-        _leave(f"{e.strerror or e} ({e.filename or ''}); check the path, its permissions and free space", 1)
     except BaseException as e:  # noqa: BLE001 - every path must leave without jax's shutdown barrier
+        said = user_facing(e)
+        if said is not None:
+            _leave(*said)
         exit_on_peer_failure(e, options)
         traceback.print_exc()
         _leave(None, 1)

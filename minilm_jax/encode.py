@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import dataclasses
 import functools
 import os
 from typing import Sequence
@@ -81,11 +82,8 @@ def program_bound(model: Model | None = None, batch_size: int = 32, devices=None
     """The most embedding programs encode compiles in this process for `model` with this batch size and
     devices (per dtype and `normalize`): len(length_buckets) * len(row_buckets). One call compiles at most
     len(length_buckets) + 1 of them."""
-    model = model if isinstance(model, Model) else load(model)
-    devices = resolve_devices(devices)
-    backend = devices[0].platform
-    rows = _rows_per_call(batch_size, len(devices), backend)
-    return len(length_buckets(model.sentence.max_seq_length, backend)) * len(row_buckets(rows, len(devices), backend))
+    plan = _CallPlan.of(model if isinstance(model, Model) else load(model), batch_size, devices)
+    return len(plan.lengths_ladder) * len(plan.rows_ladder)
 
 
 _EMBED_FNS: dict = {}
@@ -221,12 +219,41 @@ def _placed_params(params, placement: _Placement):
     return placed
 
 
-def _embed_to_host(embed, params, ids, mask, placement: _Placement) -> np.ndarray:
-    return np.asarray(embed(params, jax.device_put(ids, placement.rows), jax.device_put(mask, placement.rows)))
-
-
 def _embed_on_device(embed, params, ids, mask, placement: _Placement) -> jax.Array:
     return embed(params, jax.device_put(ids, placement.rows), jax.device_put(mask, placement.rows))
+
+
+def _embed_to_host(embed, params, ids, mask, placement: _Placement) -> np.ndarray:
+    return np.asarray(_embed_on_device(embed, params, ids, mask, placement))
+
+
+@dataclasses.dataclass(frozen=True)
+class _CallPlan:
+    """How encode cuts sentences into device calls for a model, batch size and devices."""
+
+    placement: _Placement
+    per_call: int  # sentences per device call (all devices)
+    rows_ladder: tuple[int, ...]
+    lengths_ladder: tuple[int, ...]
+
+    @classmethod
+    def of(cls, model: Model, batch_size: int, devices) -> "_CallPlan":
+        placement = _Placement(resolve_devices(devices))
+        n_devices, backend = len(placement.devices), placement.devices[0].platform
+        per_call = _rows_per_call(batch_size, n_devices, backend)
+        return cls(placement, per_call, row_buckets(per_call, n_devices, backend),
+                   length_buckets(model.sentence.max_seq_length, backend))
+
+    def shapes(self, sorted_lengths: np.ndarray) -> list[tuple[int, int]]:
+        """(rows, padded length) of each device call, for token counts sorted longest first: calls of
+        per_call sentences, the last one padded to the next row bucket, each to its longest
+        sentence's length bucket."""
+        out = []
+        for start in range(0, len(sorted_lengths), self.per_call):
+            n = min(self.per_call, len(sorted_lengths) - start)
+            out.append((next(r for r in self.rows_ladder if r >= n),
+                        bucket_length(int(sorted_lengths[start]), self.lengths_ladder)))
+        return out
 
 
 @jax.jit
@@ -263,8 +290,8 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if not isinstance(model, Model):
         model = load(model)
     compute_dtype(dtype)
-    placement = _Placement(resolve_devices(devices))
-    n_devices, backend = len(placement.devices), placement.devices[0].platform
+    plan = _CallPlan.of(model, batch_size, devices)
+    placement, per_call = plan.placement, plan.per_call
     hidden = model.config.hidden_size
     if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                      or not 1 <= truncate_dim <= hidden):
@@ -278,15 +305,12 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     # Once per call (and kept for the next call), not once per batch: host (numpy) parameters, as a
     # training run's evaluation passes them, would otherwise be copied to the devices by every batch.
     params = _placed_params(model.params, placement)
-    per_call = _rows_per_call(batch_size, n_devices, backend)
-    rows_ladder = row_buckets(per_call, n_devices, backend)
-    lengths_ladder = length_buckets(model.sentence.max_seq_length, backend)
     # Two passes, so that memory is bounded by _CHUNK and not by len(items): token counts first (to
     # sort by length over the whole input), then the ids of _CHUNK sorted sentences at a time. The
     # batches are the same as tokenising everything at once would give.
     lengths = _token_lengths(model, items)
     order = np.argsort(-lengths, kind="stable")
-    shapes = iter(_call_shapes(lengths[order], per_call, rows_ladder, lengths_ladder))
+    shapes = iter(plan.shapes(lengths[order]))
     chunk = max(1, _CHUNK // per_call) * per_call  # whole calls per chunk
     bar = None
     if show_progress_bar:
@@ -332,17 +356,6 @@ def _token_lengths(model: Model, items: list) -> np.ndarray:
     return np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK]) for i in range(0, len(items), _CHUNK)])
 
 
-def _call_shapes(sorted_lengths: np.ndarray, per_call: int, rows_ladder, lengths_ladder) -> list[tuple[int, int]]:
-    """(rows, padded length) of each device call, for token counts sorted longest first: calls of
-    per_call sentences, the last one padded to the next row bucket, each to its longest sentence's
-    length bucket."""
-    out = []
-    for start in range(0, len(sorted_lengths), per_call):
-        n = min(per_call, len(sorted_lengths) - start)
-        out.append((next(r for r in rows_ladder if r >= n), bucket_length(int(sorted_lengths[start]), lengths_ladder)))
-    return out
-
-
 def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool = True,
             dtype: str = "float32", devices=None) -> int:
     """Compile, ahead of time, every program that encode(texts, model, ...) would compile for each
@@ -350,23 +363,18 @@ def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, 
     background thread before its first evaluation). Returns how many programs it compiled."""
     if not isinstance(model, Model):
         model = load(model)
-    placement = _Placement(resolve_devices(devices))
-    n_devices, backend = len(placement.devices), placement.devices[0].platform
-    per_call = _rows_per_call(batch_size, n_devices, backend)
-    rows_ladder = row_buckets(per_call, n_devices, backend)
-    lengths_ladder = length_buckets(model.sentence.max_seq_length, backend)
+    plan = _CallPlan.of(model, batch_size, devices)
     shapes = set()
     for texts in calls:
         items = check_sentences(list(texts))
         if items:
-            lengths = np.sort(_token_lengths(model, items))[::-1]
-            shapes.update(_call_shapes(lengths, per_call, rows_ladder, lengths_ladder))
+            shapes.update(plan.shapes(np.sort(_token_lengths(model, items))[::-1]))
     embed = _embed_fn(model.config, dtype, bool(normalize))
-    params = _placed_params(model.params, placement)
+    params = _placed_params(model.params, plan.placement)
     before = compiled_programs()
     for n_rows, length in sorted(shapes):
         ids, mask = pad_batch([], length, n_rows, model.tokenizer.pad_id)
-        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, placement))
+        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement))
     return compiled_programs() - before
 
 

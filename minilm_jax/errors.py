@@ -23,6 +23,17 @@ class UsageError(UserError):
     exit_code = 2
 
 
+def user_facing(e: BaseException) -> tuple[str, int] | None:
+    """(the `error:` line's message, the exit status) for an exception a user can act on; None for a bug."""
+    if isinstance(e, UserError):
+        return str(e), e.exit_code
+    if isinstance(e, KeyboardInterrupt):
+        return "interrupted", 130
+    if isinstance(e, OSError):  # a full disk, a read-only folder, a vanished file: the OS names it
+        return f"{e.strerror or e} ({e.filename or ''}); check the path, its permissions and free space", 1
+    return None
+
+
 def cli_main(main):
     """Run a command-line `main()`, turning user errors into one line on stderr and an exit status."""
 
@@ -30,15 +41,9 @@ def cli_main(main):
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(e.exit_code)
-        except KeyboardInterrupt:
-            print("error: interrupted", file=sys.stderr)
-            sys.exit(130)
-        except OSError as e:  # a full disk, a read-only folder, a vanished file: the OS names it
-            print(f"error: {e.strerror or e} ({e.filename or ''}); check the path, its permissions and free space",
-                  file=sys.stderr)
-            sys.exit(1)
+        except (UserError, KeyboardInterrupt, OSError) as e:
+            message, status = user_facing(e)
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(status)
 
     return wrapper

@@ -49,6 +49,37 @@ if str(REPO_ROOT) not in sys.path:  # the package when the tests run from a chec
     sys.path.insert(0, str(REPO_ROOT))
 
 
+# Keys of train.py's records and final line that a process measures about itself (speed, compilation):
+# they differ between runs that trained identically.
+SELF_MEASURED = frozenset({"pairs_per_second", "compile_seconds", "compiled_programs", "cached_programs",
+                           "evaluation_compile_seconds", "evaluation_programs"})
+
+
+# A collective that a dead or stuck device never joins fails within seconds instead of hanging.
+COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=2",
+                       "--xla_cpu_collective_call_terminate_timeout_seconds=5")
+
+
+def cpu_devices_env(devices: int, collective_timeouts: bool = False) -> dict:
+    """The environment of a subprocess that runs this checkout on `devices` fake CPU devices."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    env["JAX_PLATFORMS"] = "cpu"
+    env.pop("JAX_NUM_CPU_DEVICES", None)
+    kept = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f and "collective_call" not in f]
+    env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={devices}",
+                                 *(COLLECTIVE_TIMEOUTS if collective_timeouts else ())])
+    return env
+
+
+def write_subset(src: Path, dst: Path, n_pairs: int) -> Path:
+    """The header and the first n_pairs rows of a real data file."""
+    with open(src, encoding="utf-8") as f:
+        lines = [next(f) for _ in range(n_pairs + 1)]
+    dst.write_text("".join(lines), encoding="utf-8")
+    return dst
+
+
 def read_pairs_tsv(path: Path) -> list[tuple[str, str, float]]:
     """The data files as their SOURCES.md describes them: UTF-8 TSV, header line, quoting disabled."""
     with open(path, encoding="utf-8", newline="") as f:

@@ -12,14 +12,13 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, read_pairs_tsv
+from conftest import REPO_ROOT, cpu_devices_env, read_pairs_tsv
 from tiny_model import write_tiny_model
 
 TOL = 1e-6
@@ -75,14 +74,8 @@ def every_length(data_dir) -> list[str]:
 def test_eight_devices_give_the_one_device_embeddings(sentences, model_path, tmp_path):
     path = tmp_path / "sentences.json"
     path.write_text(json.dumps(sentences), encoding="utf-8")
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    kept = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]
-    env["XLA_FLAGS"] = " ".join([*kept, "--xla_force_host_platform_device_count=8"])
-    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, model_path, str(path)], env=env, cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-c", EIGHT_DEVICES, model_path, str(path)], env=cpu_devices_env(8),
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for name in ("all", "count 8", "list of 2", "normalize=False", "tensor", "single"):

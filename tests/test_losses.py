@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import st_features
+from conftest import cpu_devices_env, st_features
 
 N_ROWS = 28  # real rows of each data set
 VALUE_RTOL = 1e-5  # against sentence-transformers
@@ -559,14 +558,7 @@ def test_8_devices_equal_1_device(real_data, tmp_path, repo_root):
     inputs = tmp_path / "embeddings.npz"
     np.savez(inputs, **{f"{kind}_{part}": value for kind, (cols, labels) in real_data.items()
                         for part, value in (("columns", cols), ("labels", labels))})
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(repo_root), env.get("PYTHONPATH", "")) if p)
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    kept = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f and "collective_call" not in f]
-    env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={N_DEVICES}",
-                                 "--xla_cpu_collective_call_warn_stuck_timeout_seconds=2",
-                                 "--xla_cpu_collective_call_terminate_timeout_seconds=5"])
+    env = cpu_devices_env(N_DEVICES, collective_timeouts=True)
     output = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, __file__, "multidevice", str(inputs), str(output)], env=env,
                           cwd=repo_root, capture_output=True, text=True, timeout=600)

@@ -11,7 +11,6 @@ The runs of one comparison go in parallel to save wall time.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,23 +18,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, assert_user_error
+from conftest import REPO_ROOT, assert_user_error, cpu_devices_env, write_subset
 from tiny_model import write_tiny_model
 
-COLLECTIVE_TIMEOUTS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=2",
-                       "--xla_cpu_collective_call_terminate_timeout_seconds=5")
 PARAM_RTOL, PARAM_ATOL = 1e-4, 1e-6
 LOSS_RTOL = 1e-5
-
-
-def train_env(devices: int) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p)
-    env["JAX_PLATFORMS"] = "cpu"
-    env.pop("JAX_NUM_CPU_DEVICES", None)
-    kept = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f and "collective_call" not in f]
-    env["XLA_FLAGS"] = " ".join([*kept, f"--xla_force_host_platform_device_count={devices}", *COLLECTIVE_TIMEOUTS])
-    return env
 
 
 def run_train_parallel(runs: list[tuple[int, list]], logs: Path, timeout: int = 400) -> list[subprocess.CompletedProcess]:
@@ -46,7 +33,7 @@ def run_train_parallel(runs: list[tuple[int, list]], logs: Path, timeout: int = 
     for k, (devices, args) in enumerate(runs):
         out, err = open(logs / f"{k}.out", "w+"), open(logs / f"{k}.err", "w+")
         cmd = [sys.executable, str(REPO_ROOT / "train.py"), *map(str, args)]
-        started.append((cmd, subprocess.Popen(cmd, cwd=REPO_ROOT, env=train_env(devices), stdout=out, stderr=err,
+        started.append((cmd, subprocess.Popen(cmd, cwd=REPO_ROOT, env=cpu_devices_env(devices, collective_timeouts=True), stdout=out, stderr=err,
                                               text=True), out, err))
     results = []
     try:
@@ -68,14 +55,6 @@ def run_train_parallel(runs: list[tuple[int, list]], logs: Path, timeout: int = 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, (f"{' '.join(proc.args)}\nexit {proc.returncode} (134 = SIGABRT, e.g. a collective "
                                   f"timeout)\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-5000:]}")
-
-
-def write_subset(src: Path, dst: Path, n_pairs: int) -> Path:
-    """The header and the first n_pairs rows of a real data file."""
-    with open(src, encoding="utf-8") as f:
-        lines = [next(f) for _ in range(n_pairs + 1)]
-    dst.write_text("".join(lines), encoding="utf-8")
-    return dst
 
 
 def load_tensors(model_dir: Path) -> dict[str, np.ndarray]:

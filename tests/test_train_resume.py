@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT, assert_user_error
+from conftest import REPO_ROOT, SELF_MEASURED, assert_user_error, write_subset
 from tiny_model import write_tiny_model
 
 N_STEPS = 40
@@ -86,19 +86,14 @@ def records(run_dir: Path) -> list[dict]:
 
 def without_speed(recs: list[dict]) -> list[dict]:
     """What a process measured about itself (speed, compilation) left out."""
-    own = {"pairs_per_second", "compile_seconds", "compiled_programs", "cached_programs", "evaluation_compile_seconds",
-           "evaluation_programs"}
-    return [{k: v for k, v in r.items() if k not in own} for r in recs]
+    return [{k: v for k, v in r.items() if k not in SELF_MEASURED} for r in recs]
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory, model_path, data_dir):
     root = tmp_path_factory.mktemp("resume")
     tiny = write_tiny_model(model_path, str(root / "tiny"))
-    with open(data_dir / "quora_train.tsv", encoding="utf-8") as f:
-        lines = [next(f) for _ in range(N_PAIRS + 1)]
-    train = root / "train.tsv"
-    train.write_text("".join(lines), encoding="utf-8")
+    train = write_subset(data_dir / "quora_train.tsv", root / "train.tsv", N_PAIRS)
 
     def args(out: Path, *extra) -> list:
         return ["--model", tiny, "--train-file", train, "--output-dir", out, "--max-steps", N_STEPS,

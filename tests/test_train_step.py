@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, write_subset
 from minilm_jax import data as data_lib, losses, train_step
 from minilm_jax.optimizer import split_table
 from tiny_model import write_tiny_model
@@ -125,9 +125,7 @@ def _cache_entries(folder) -> list[str]:
 def test_a_rerun_with_other_steps_learning_rate_and_seed_compiles_nothing(model_path, data_dir, tmp_path):
     tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
     cache = tmp_path / "xla"
-    train = tmp_path / "train.tsv"
-    lines = (data_dir / "quora_train.tsv").read_text(encoding="utf-8").splitlines()[:401]
-    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train = write_subset(data_dir / "quora_train.tsv", tmp_path / "train.tsv", 400)
     env = {**os.environ, "MINILM_JAX_CACHE_DIR": str(cache),
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
 
@@ -161,9 +159,7 @@ def test_several_steps_per_dispatch_train_as_one(model_path, data_dir, tmp_path)
     from safetensors.numpy import load_file
 
     tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
-    train = tmp_path / "train.tsv"
-    lines = (data_dir / "quora_train.tsv").read_text(encoding="utf-8").splitlines()[:401]
-    train.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    train = write_subset(data_dir / "quora_train.tsv", tmp_path / "train.tsv", 400)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", ""))
                                                        if p)}
     runs = {}
