@@ -109,6 +109,11 @@ def ours_worker(args) -> None:
                 assert np.array_equal(common.batch_indices(len(tokens), bs, SEED, step),
                                       data_lib.batch_indices(len(tokens), bs, SEED, step)), "batch order differs"
         state.update(jax=jax, np=np, model=model, tokens=tokens, data_lib=data_lib)
+        from minilm_jax.trained_rows import TrainedRows
+
+        # As train.py: the train state holds the word-embedding rows the data uses, its ids renumbered.
+        state["rows"] = TrainedRows.for_data(tokens, model.config.vocab_size, weight_decay=0.0)
+        state["trained_tokens"] = state["rows"].renumber(tokens)
         dev = jax.devices()[0]
         return {"load_s": load_s, "tokenize_s": tokenize_s, "n_pairs": len(tokens),
                 "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}",
@@ -117,7 +122,7 @@ def ours_worker(args) -> None:
     def _groups(batch_size: int):
         data_lib = state["data_lib"]
         layout = data_lib.BatchLayout(batch_size, 1, 1, 0)
-        return data_lib.dispatch_groups(state["tokens"], layout, state["spec"].shapes, SEED, 0, args.steps,
+        return data_lib.dispatch_groups(state["trained_tokens"], layout, state["spec"].shapes, SEED, 0, args.steps,
                                         args.steps_per_dispatch)
 
     def prepare(batch_size: int) -> dict:
@@ -130,7 +135,7 @@ def ours_worker(args) -> None:
         tx = train_lib.make_optimizer(cfg)
         spec = train_lib.step_spec(cfg, model, 1)
         state.pop("p_state", None)
-        p_state = train_step.to_devices(train_step.init_state(model.params, tx), 1)
+        p_state = train_step.to_devices(train_step.init_state(state["rows"].train_params(model.params), tx), 1)
         programs = {p: train_step.step_program(spec, p, 1) for p in train_step.PROGRAMS}
         state.update(programs=programs, spec=spec, rng=jax.random.PRNGKey(SEED), tx=tx.as_inputs(),
                      rates=train_lib.learning_rates(cfg, args.steps))

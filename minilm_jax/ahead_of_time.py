@@ -1,7 +1,8 @@
 """Programs compiled ahead of time, on a background thread, and what compiling them cost.
 
-A run knows the shapes of its programs from its options, so it can lower and compile them while it
-reads and tokenises its data, instead of paying for both in turn at its first step. Each program
+A run knows the shapes of its programs once its options are parsed and its data tokenised, so it
+can lower and compile them while it prepares the rest (the state, the checkpoints, the evaluators,
+the first batches), instead of paying for both in turn at its first step. Each program
 is compiled (or loaded from JAX's persistent compilation cache) once; `get` waits for it.
 """
 

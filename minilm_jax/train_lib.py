@@ -28,6 +28,7 @@ from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 from minilm_jax.run_export import export_run
 from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
                                    write_text_atomic)
+from minilm_jax.trained_rows import TrainedRows
 from minilm_jax.train_step import StepSpec, TrainState, from_devices, init_state, step_program, to_devices
 
 BATCH_SAMPLERS = ("auto", "shuffle", "no-duplicates")
@@ -317,23 +318,31 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     if out.is_dir():
         check_run_config(out, cfg, write=False)
     model = prepare_model(cfg)
-    # The programs' shapes follow from the options and the model: compile them while the data is
-    # read and tokenised.
+    spec = step_spec(cfg, model, n_global)
+    # The programs' shapes follow from the options, the model and the rows of the word-embedding
+    # table the data uses: compile them while the rest of the run is prepared.
     # Two threads: the general program (which the first steps of a run usually need, see
     # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
     compiler = AheadOfTime(threads=2)
-    programs = TrainPrograms(step_spec(cfg, model, n_global), cfg.steps_per_dispatch, compiler,
-                             init_state(model.params, make_optimizer(cfg)))
-    programs.prepare(programs.spec.shapes.programs[0])
     try:
-        run_data = load_run_data(cfg, programs.spec.loss)
+        run_data = load_run_data(cfg, spec.loss)
+        steps = _plan_steps(cfg, run_data, model, spec.loss)
+        trained = steps.rows.train_params(model.params)
+        programs = TrainPrograms(spec, cfg.steps_per_dispatch, compiler,
+                                 jax.eval_shape(lambda: init_state(trained, make_optimizer(cfg))))
+        programs.prepare(spec.shapes.programs[0])
+        if not (out / "checkpoints").is_dir():
+            # A new run starts at step 0, so whether it needs the general program is known now:
+            # start compiling it here rather than after the checkpoints are opened (a cold run's
+            # first general step waited for it).
+            programs.general_steps(steps, 0, cfg.batch_size)
         evaluators = build_evaluators(cfg, run_data)
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.
         lock = OutputLock(out) if jax.process_index() == 0 else None
         try:
-            return _run(cfg, out, progress, model, run_data, programs, evaluators)
+            return _run(cfg, out, progress, model, run_data, steps, programs, evaluators)
         finally:
             if lock is not None:
                 lock.release()
@@ -347,7 +356,7 @@ class TrainPrograms:
     def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState):
         self.spec, self.steps_per_dispatch, self.compiler = spec, steps_per_dispatch, compiler
         self.n_global, self.n_local = jax.device_count(), jax.local_device_count()
-        state = jax.eval_shape(lambda s: s, example_state)
+        state = jax.eval_shape(lambda s: s, example_state)  # shapes only (arrays or ShapeDtypeStructs)
         if self.n_global > 1:  # replicated: a leading axis of local devices
             state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((self.n_local, *x.shape), x.dtype), state)
         if jax.process_count() > 1:
@@ -355,6 +364,7 @@ class TrainPrograms:
             # which takes no ShapeDtypeStruct: lower it for zeros (broadcast views, no memory).
             state = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), state)
         self._example_state = state
+        self._general: dict[tuple[int, int], list[int]] = {}
 
     def prepare(self, program: str) -> None:
         """Start compiling `program` (if not yet started)."""
@@ -371,6 +381,19 @@ class TrainPrograms:
         self.prepare(program)
         return self.compiler.get(program)
 
+    def general_steps(self, steps: "_PlannedSteps", start_step: int, batch_size: int) -> list[int]:
+        """The steps of [start_step, steps.total) that need the general program; it starts compiling
+        if there are any, or if the last dispatch is short (padded in the general program)."""
+        key = (start_step, steps.total)
+        if key not in self._general:
+            layout = data_lib.BatchLayout(batch_size, self.n_global, self.n_local, jax.process_index() * self.n_local)
+            self._general[key] = data_lib.general_steps(steps.tokens, layout, self.spec.shapes, steps.plan,
+                                                        start_step, steps.total)
+        general = self._general[key]
+        if general or (steps.total - start_step) % self.steps_per_dispatch:
+            self.prepare("general")
+        return general
+
 
 def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_per_dispatch: int) -> dict:
     """The dispatch's arrays and its steps' learning rates ([local devices, steps]; 0 for padding)."""
@@ -378,6 +401,21 @@ def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_pe
     step_rates[:dispatch.n] = rates[dispatch.first:dispatch.first + dispatch.n]
     n_local = jax.tree.leaves(dispatch.arrays)[0].shape[0]
     return {**dispatch.arrays, "learning_rate": np.broadcast_to(step_rates, (n_local, steps_per_dispatch))}
+
+
+@dataclasses.dataclass(frozen=True)
+class _PlannedSteps:
+    tokens: data_lib.TokenizedPairs  # the training rows, tokenised
+    rows: TrainedRows  # the word-embedding rows they use, which the train state holds
+    plan: data_lib.BatchPlan
+    total: int  # the run's steps
+
+
+def _plan_steps(cfg: TrainConfig, run_data: RunData, model, loss) -> _PlannedSteps:
+    plan = batch_plan(cfg, run_data.train, loss)
+    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
+    rows = TrainedRows.for_data(tokens, model.config.vocab_size, cfg.weight_decay)
+    return _PlannedSteps(tokens, rows, plan, cfg.max_steps or plan.epoch_start(cfg.epochs))
 
 
 def build_evaluators(cfg: TrainConfig, run_data: RunData) -> list:
@@ -389,8 +427,8 @@ def build_evaluators(cfg: TrainConfig, run_data: RunData) -> list:
     return [build_evaluator(name, pairs=run_data.eval) for name in cfg.evaluator]
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: TrainPrograms,
-         evaluators: list) -> dict:
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, steps: _PlannedSteps,
+         programs: TrainPrograms, evaluators: list) -> dict:
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -398,16 +436,19 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         for stale in out.glob(".*.tmp-*"):  # write_text_atomic's leftovers from a killed run (we hold the lock)
             if stale.is_file():
                 stale.unlink()
-    train_tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
-    plan = batch_plan(cfg, run_data.train, programs.spec.loss)
-    total_steps = cfg.max_steps or plan.epoch_start(cfg.epochs)
+    train_tokens, plan, total_steps = steps.tokens, steps.plan, steps.total
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
 
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
-    state = init_state(model.params, tx)
+    rows = steps.rows
     if checkpoints.latest_step() is not None:
-        state = checkpoints.restore(state)
+        state = jax.device_get(checkpoints.restore(init_state(model.params, tx)))
+        untrained = state.params  # where the rows the run does not train come from
+        state = rows.train_state(state)
+    else:
+        untrained = model.params
+        state = init_state(rows.train_params(model.params), tx)
     start_step = int(state.step)
     metrics_path = out / "metrics.jsonl"
     records = read_metrics(metrics_path, start_step)
@@ -415,9 +456,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
     shapes = programs.spec.shapes
-    general = data_lib.general_steps(train_tokens, layout, shapes, plan, start_step, total_steps)
-    if general or (total_steps - start_step) % cfg.steps_per_dispatch:
-        programs.prepare("general")  # compiled while the first fast steps run
+    general = programs.general_steps(steps, start_step, cfg.batch_size)  # compiled while the first fast steps run
     if evaluators:  # the evaluation's programs too: after the train programs, before the first evaluation
         from minilm_jax.encode import warm_up
 
@@ -438,7 +477,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main,
                   programs.compiler)
     groups = data_lib.prefetch(data_lib.dispatch_groups(
-        train_tokens, layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
+        rows.renumber(train_tokens), layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
@@ -473,6 +512,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                                        tx_inputs)
             if pending is not None:
                 settle(pending)  # the previous dispatch's metrics, fetched while this one runs
+            elif first == start_step:
+                checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
             pending = (first, n, metrics)
             end = first + n
             epoch_end = plan.ends_epoch(first, n) or end == total_steps
@@ -481,10 +522,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 pending = None
                 log.pause()
                 if crosses(first, n, cfg.eval_every) or epoch_end:
-                    last_eval = {end: evaluate(from_devices(p_state.params, n_global))}
+                    last_eval = {end: evaluate(rows.full_params(from_devices(p_state.params, n_global), untrained))}
                     log.eval(end, plan.epoch_of(end), last_eval[end])
                 if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
-                    checkpoints.save(from_devices(p_state, n_global))
+                    checkpoints.save(rows.full_state(from_devices(p_state, n_global), untrained))
                 log.resume()
         if pending is not None:
             settle(pending)
@@ -498,7 +539,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     finally:
         log.close()
         checkpoints.wait()
-    final_params = from_devices(p_state.params, n_global)
+    final_params = rows.full_params(from_devices(p_state.params, n_global), untrained)
     final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
     run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
     if is_main:

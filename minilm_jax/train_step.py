@@ -75,9 +75,11 @@ def _objective(emb_SxD, batch: dict, spec: StepSpec, axis_name: str | None, loss
 def _local_model(params, ids: jax.Array, config: BertConfig, axis_name: str | None):
     """(parameters whose word-embedding table holds only the rows `ids` use, on every device; the
     ids renumbered into it; those rows; the config of that table)."""
-    rows_N, local_ids = batch_rows(ids, config.vocab_size, axis_name)
     rest, table = split_table(params)
-    local_table = table[jnp.minimum(rows_N, config.vocab_size - 1)]  # padding rows: any row, never read
+    # The table may hold only the rows the run trains (trained_rows.py): its rows, not the config's.
+    vocab_size = table.shape[0]
+    rows_N, local_ids = batch_rows(ids, vocab_size, axis_name)
+    local_table = table[jnp.minimum(rows_N, vocab_size - 1)]  # padding rows: any row, never read
     return join_table(rest, local_table), local_ids, rows_N, dataclasses.replace(config, vocab_size=rows_N.shape[0])
 
 
