@@ -109,10 +109,11 @@ def ours_worker(args) -> None:
                 assert np.array_equal(common.batch_indices(len(tokens), bs, SEED, step),
                                       data_lib.batch_indices(len(tokens), bs, SEED, step)), "batch order differs"
         state.update(jax=jax, np=np, model=model, tokens=tokens, data_lib=data_lib)
+        from minilm_jax import train_lib
         from minilm_jax.trained_rows import TrainedRows
 
         # As train.py: the train state holds the word-embedding rows the data uses, its ids renumbered.
-        state["rows"] = TrainedRows.for_data(tokens, model.config.vocab_size, weight_decay=0.0)
+        state["rows"] = TrainedRows.for_data(tokens, model.config.vocab_size, train_lib.TrainConfig().weight_decay)
         state["trained_tokens"] = state["rows"].renumber(tokens)
         dev = jax.devices()[0]
         return {"load_s": load_s, "tokenize_s": tokenize_s, "n_pairs": len(tokens),

@@ -100,7 +100,8 @@ class TrainedRows:
         table = np.asarray(split_table(full_params)[1])
         opt = state.opt_state
         return state.replace(params=self._put(state.params, table), opt_state=OptState(
-            opt.count, self._put(opt.mu, np.zeros_like(table)), self._put(opt.nu, np.zeros_like(table))))
+            opt.count, self._put(opt.mu, np.zeros_like(table), copy=False),
+            self._put(opt.nu, np.zeros_like(table), copy=False)))
 
     def full_params(self, params, full_params):
         """Trained parameters with the full table (the other rows from `full_params`)."""
@@ -110,8 +111,9 @@ class TrainedRows:
         rest, table = split_table(tree)
         return join_table(rest, np.asarray(table)[self.rows])
 
-    def _put(self, tree, full_table: np.ndarray):
+    def _put(self, tree, full_table: np.ndarray, copy: bool = True):
+        """copy False: full_table is a fresh array of this call's own, written in place."""
         rest, trained = split_table(tree)
-        table = np.array(full_table, copy=True)
+        table = np.array(full_table, copy=True) if copy else full_table
         table[self.rows] = np.asarray(trained)
         return join_table(rest, table)
