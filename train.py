@@ -133,6 +133,9 @@ def main(argv=None):
         # The training runs in a child process, so that a lost peer ends it with one error line (see distributed.py).
         return distributed.supervise([sys.executable, os.path.abspath(__file__), *argv], several)
     args = vars(build_parser().parse_args(argv))
+    from minilm_jax.host_memory import keep_step_memory
+
+    keep_step_memory()  # before JAX's backend starts: each step's temporaries stay mapped
     progress = args.pop("progress")
     for name in distributed.ARGUMENT_NAMES:  # parsed above, before anything started
         del args[name]

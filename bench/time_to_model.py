@@ -11,7 +11,8 @@ Each pass runs, one after the other (never at the same time), in fresh processes
               compilation cache (MINILM_JAX_CACHE_DIR), as a first run on a new machine;
   ours warm:  the same with the cache the cold run filled, but another --seed and --learning-rate
               (a second run of a sweep: it must compile nothing);
-  theirs:     a process that imports sentence-transformers, loads all-MiniLM-L6-v2, trains it with
+  theirs:     (with glibc's malloc defaults, unless --st-keep-freed-memory gives it train.py's settings)
+              a process that imports sentence-transformers, loads all-MiniLM-L6-v2, trains it with
               SentenceTransformerTrainer (CosineSimilarityLoss, the recipe's settings, no
               evaluation, no checkpoints) and saves the model.
 The recipe: batch 16, AdamW lr 5e-5 linear decay to 0, no warm-up, weight decay 0, clip 1, seed 42,
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=None, help="default: runs/time_to_model-<time>")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     p.add_argument("--log", default=None, help="also append the printed report to this file")
+    p.add_argument("--st-keep-freed-memory", action="store_true",
+                   help="give the sentence-transformers process train.py's glibc malloc settings "
+                   "(minilm_jax/host_memory.py); by default it runs with glibc's defaults, as its users do")
     p.add_argument("--worker", choices=["st"], help=argparse.SUPPRESS)
     p.add_argument("--train-file", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -114,7 +118,8 @@ def run_theirs(args, train_file: Path, out: Path) -> dict:
     result_file = out / "result.json"
     argv = [str(Path(__file__).resolve()), "--worker", "st", "--train-file", str(train_file), "--worker-out",
             str(out), "--model", args.model, "--device", args.device, "--batch-size", str(args.batch_size),
-            "--torch-threads", str(args.torch_threads), "--json", str(result_file)]
+            "--torch-threads", str(args.torch_threads), "--json", str(result_file),
+            *(["--st-keep-freed-memory"] if args.st_keep_freed_memory else [])]
     seconds, _ = common.run_python(argv, {}, "the sentence-transformers training")
     return {"wall_s": seconds, **json.loads(result_file.read_text(encoding="utf-8"))}
 
@@ -123,6 +128,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.script_setup(args)
     if args.worker:
+        if args.st_keep_freed_memory:
+            from minilm_jax.host_memory import keep_freed_memory
+
+            keep_freed_memory()  # before torch starts its threads
         result = st_worker(args)
         Path(args.json).write_text(json.dumps(result), encoding="utf-8")
         return 0

@@ -18,8 +18,9 @@ weight_decay 0, fused as transformers' Trainer picks for torch>=2.8), get_linear
 collator's call, padding each side to its longest sentence) inside the timed loop, as the
 Trainer does. A few untimed steps come first.
 
-Both sides run in their own worker process, and the timed passes alternate (ours, theirs, theirs,
-ours, ...); each figure is the median of --passes passes of --steps steps. The token table
+Both sides run in their own worker process (ours with the memory settings train.py makes,
+minilm_jax/host_memory.py; theirs with glibc's defaults unless --st-keep-freed-memory), and the
+timed passes alternate (ours, theirs, theirs, ours, ...); each figure is the median of --passes passes of --steps steps. The token table
 compares the work each side does per step: real tokens, sentence-transformers' padded tokens,
 our packed rows x row length, and the model FLOPs those imply (3x the forward pass).
 """
@@ -73,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-prefetch", dest="prefetch", action="store_false",
                    help="pack batches in the loop's own thread instead of train.py's background thread")
     g = p.add_argument_group("sentence-transformers")
+    g.add_argument("--st-keep-freed-memory", action="store_true",
+                   help="give the sentence-transformers worker train.py's glibc malloc settings "
+                   "(minilm_jax/host_memory.py); by default it runs with glibc's defaults, as its users do")
     g.add_argument("--st-amp", choices=["none", "bfloat16", "float16"], default="none",
                    help="torch.autocast dtype (float16 adds a GradScaler) (default: %(default)s)")
     g.add_argument("--st-optim", choices=["fused", "foreach"], default="fused",
@@ -344,6 +348,14 @@ def st_worker(args) -> None:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     common.script_setup(args, tokenizer_threads=True)  # as before: both libraries tokenise as they do by default
+    if args.worker == "ours":
+        from minilm_jax.host_memory import keep_step_memory
+
+        keep_step_memory()  # as train.py does, before JAX's backend starts
+    elif args.worker == "st" and args.st_keep_freed_memory:
+        from minilm_jax.host_memory import keep_freed_memory
+
+        keep_freed_memory()
     if args.worker == "ours":
         ours_worker(args)
         return 0

@@ -29,7 +29,8 @@ from minilm_jax.run_export import export_run
 from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
                                    write_text_atomic)
 from minilm_jax.trained_rows import TrainedRows
-from minilm_jax.train_step import StepSpec, TrainState, from_devices, init_state, step_program, to_devices
+from minilm_jax.train_step import (StepSpec, TrainState, from_devices, init_host_state, init_state, step_program,
+                                   to_devices)
 
 BATCH_SAMPLERS = ("auto", "shuffle", "no-duplicates")
 DEFAULT_DATASET = "sentence-transformers/quora-duplicates"
@@ -143,8 +144,25 @@ def learning_rate_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule
 
 def learning_rates(cfg: TrainConfig, total_steps: int) -> np.ndarray:
     """The learning rate of every step (float32 [total_steps]), computed on the host and fed to the
-    compiled step as an input, so that the schedule and the step count are not constants of it."""
-    return np.asarray(jax.vmap(learning_rate_schedule(cfg, total_steps))(jnp.arange(total_steps)), np.float32)
+    compiled step as an input, so that the schedule and the step count are not constants of it.
+
+    These are learning_rate_schedule's values as JAX computes them, bit for bit
+    (tests/test_train_outputs.py), in numpy: evaluating the schedule with JAX cost a run's start
+    about a second of small compilations beside the train programs'."""
+    step = np.arange(total_steps, dtype=np.int32)
+
+    def linear(init: float, end: float, transition: int, count: np.ndarray) -> np.ndarray:
+        # optax.polynomial_schedule at power 1: (init - end) * (1 - clip(count) / transition) + end,
+        # op by op in float32; XLA divides by the constant `transition` as a product with its
+        # float32 reciprocal, and so does this.
+        reciprocal = np.float32(1) / np.float32(transition)
+        frac = np.float32(1) - np.clip(count, 0, transition).astype(np.float32) * reciprocal
+        return np.float32(init - end) * frac + np.float32(end)
+
+    decay = linear(cfg.learning_rate, 0.0, max(total_steps - cfg.warmup_steps, 1), step - cfg.warmup_steps)
+    if not cfg.warmup_steps:
+        return linear(cfg.learning_rate, 0.0, max(total_steps, 1), step)
+    return np.where(step < cfg.warmup_steps, linear(0.0, cfg.learning_rate, cfg.warmup_steps, step), decay)
 
 
 def make_optimizer(cfg: TrainConfig) -> AdamW:
@@ -448,7 +466,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         state = rows.train_state(state)
     else:
         untrained = model.params
-        state = init_state(rows.train_params(model.params), tx)
+        state = init_host_state(rows.train_params(model.params), tx)
     start_step = int(state.step)
     metrics_path = out / "metrics.jsonl"
     records = read_metrics(metrics_path, start_step)
@@ -508,12 +526,14 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 log.resume()
             else:
                 step_fn = programs.get(dispatch.program)
+            if first == start_step:
+                checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
             p_state, metrics = step_fn(p_state, with_learning_rates(dispatch, rates, cfg.steps_per_dispatch), rng,
                                        tx_inputs)
             if pending is not None:
-                settle(pending)  # the previous dispatch's metrics, fetched while this one runs
-            elif first == start_step:
-                checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
+                # The previous dispatch's metrics: fetched while this one runs where dispatch is
+                # asynchronous (not a single CPU device: host_memory.py).
+                settle(pending)
             pending = (first, n, metrics)
             end = first + n
             epoch_end = plan.ends_epoch(first, n) or end == total_steps
@@ -529,22 +549,27 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 log.resume()
         if pending is not None:
             settle(pending)
-        checkpoints.wait()
-    except Exception as e:
-        if jax.process_count() > 1:  # a lost peer: stop now, before the waits below block on it
+    except BaseException as e:
+        if isinstance(e, Exception) and jax.process_count() > 1:
+            # a lost peer: stop now, before the wait below blocks on it
             from minilm_jax import distributed
 
             distributed.exit_on_peer_failure(e)
+        checkpoints.wait()  # no checkpoint left half-written by a run that stops here
         raise
     finally:
         log.close()
+    # The last checkpoint is written in the background while the model is evaluated and exported
+    # (a kill before it is complete leaves the one before it, which a rerun resumes from).
+    try:
+        final_params = rows.full_params(from_devices(p_state.params, n_global), untrained)
+        final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
+        run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
+        if is_main:
+            export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
+                       n_global, programs.spec.loss)
+    finally:
         checkpoints.wait()
-    final_params = rows.full_params(from_devices(p_state.params, n_global), untrained)
-    final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
-    run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
-    if is_main:
-        export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
-                   n_global, programs.spec.loss)
     checkpoints.close()
     return {**{k: v for _, metrics in final_eval for k, v in metrics.items()}, **run_report}
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
 
 from minilm_jax.config import BertConfig
@@ -49,6 +50,15 @@ class TrainState:
 def init_state(params, tx: AdamW) -> TrainState:
     params = jax.tree.map(jnp.asarray, params)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
+
+
+def init_host_state(params, tx: AdamW) -> TrainState:
+    """init_state's value in numpy, made without running anything on a device: a new run's state
+    for to_devices, which copies it there once (init_state's zeros are small device programs,
+    compiled and run at a run's start beside the train programs' compilation)."""
+    shapes = jax.eval_shape(lambda: init_state(params, tx))
+    zeros = jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), shapes)
+    return zeros.replace(params=jax.tree.map(np.asarray, params))
 
 
 @dataclasses.dataclass(frozen=True)

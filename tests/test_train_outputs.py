@@ -187,6 +187,26 @@ def test_learning_rate_schedule_is_transformers_linear(warmup):
         assert ours[0] == pytest.approx(lr, rel=1e-6)
 
 
+@pytest.mark.parametrize("warmup", [0, 1, 37])
+def test_learning_rates_are_the_schedule_as_jax_computes_it(warmup):
+    """train.py's per-step rates come from numpy (no compilations at a run's start): they must be
+    the optax schedule's values as JAX computes them, to the bit, so that a run's result does not
+    depend on where they were computed."""
+    import jax
+    import jax.numpy as jnp
+
+    from minilm_jax.train_lib import TrainConfig, learning_rate_schedule, learning_rates
+
+    for lr in (5e-5, 3e-5, 1e-4, 0.1, 1.0):
+        for total in (1, 2, 7, 300, 4118):
+            cfg = TrainConfig(learning_rate=lr, warmup_steps=warmup)
+            ours = learning_rates(cfg, total)
+            theirs = np.asarray(jax.vmap(learning_rate_schedule(cfg, total))(jnp.arange(total)), np.float32)
+            assert ours.dtype == np.float32 and ours.shape == (total,)
+            np.testing.assert_array_equal(ours.view(np.uint32), theirs.view(np.uint32),
+                                          err_msg=f"lr {lr}, warm-up {warmup}, {total} steps")
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, model_path) -> str:
     return write_tiny_model(model_path, str(tmp_path_factory.mktemp("tiny") / "model"))

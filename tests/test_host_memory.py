@@ -1,0 +1,83 @@
+"""train.py's memory settings (minilm_jax/host_memory.py): a step's temporaries stay mapped from one
+execution to the next, and the settings change nothing that is computed.
+
+- In a fresh process, a program with a 64 MB temporary run again and again faults its pages in on
+  every run with glibc's and JAX's defaults, and (almost) never after keep_step_memory().
+- train.py with the settings and with MINILM_JAX_SYSTEM_MALLOC=1 (glibc's and JAX's defaults)
+  trains to the same bytes: the same exported weights and the same logged losses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO_ROOT, write_subset
+from tiny_model import write_tiny_model
+
+pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="the settings are glibc's")
+
+_FAULTS = r"""
+import resource, sys
+from minilm_jax.host_memory import keep_step_memory
+made = keep_step_memory()
+import jax, jax.numpy as jnp
+
+@jax.jit
+def program(a, b, v):
+    return (a @ b) @ v  # a @ b is a [4096, 4096] float32 temporary: 64 MB
+
+a, b, v = jnp.ones((4096, 64)), jnp.ones((64, 4096)), jnp.ones((4096,))
+for _ in range(2):
+    program(a, b, v).block_until_ready()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(6):
+    program(a, b, v).block_until_ready()
+print(made, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 6)
+"""
+
+
+def _faults_per_run(system_malloc: bool) -> tuple[bool, float]:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env.pop("MINILM_JAX_SYSTEM_MALLOC", None)
+    if system_malloc:
+        env["MINILM_JAX_SYSTEM_MALLOC"] = "1"
+    proc = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    made, faults = proc.stdout.split()
+    return made == "True", float(faults)
+
+
+def test_a_program_s_temporaries_stay_mapped():
+    made, kept = _faults_per_run(system_malloc=False)
+    not_made, defaults = _faults_per_run(system_malloc=True)
+    assert made and not not_made
+    # 64 MB is 16,384 pages of 4 KiB: faulted in again on every run with the defaults.
+    assert defaults > 5_000, defaults
+    assert kept < defaults / 10, (kept, defaults)
+
+
+def test_train_py_trains_the_same_bytes_with_and_without_the_settings(model_path, data_dir, tmp_path):
+    tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
+    train = write_subset(data_dir / "quora_train.tsv", tmp_path / "train.tsv", 160)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "MINILM_JAX_CACHE_DIR": str(tmp_path / "xla"),
+           "PYTHONPATH": os.pathsep.join(p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p)}
+    env.pop("MINILM_JAX_SYSTEM_MALLOC", None)
+    outputs = {}
+    for name, extra in (("settings", {}), ("defaults", {"MINILM_JAX_SYSTEM_MALLOC": "1"})):
+        out = tmp_path / name
+        proc = subprocess.run([sys.executable, str(REPO_ROOT / "train.py"), "--model", tiny, "--train-file", str(train),
+                               "--output-dir", str(out), "--max-steps", "8", "--log-every", "1", "--no-progress"],
+                              env={**env, **extra}, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+        outputs[name] = ((out / "model" / "model.safetensors").read_bytes(), losses)
+    assert len(outputs["settings"][1]) == 8
+    assert outputs["settings"][1] == outputs["defaults"][1]
+    assert outputs["settings"][0] == outputs["defaults"][0]
