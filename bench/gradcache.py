@@ -189,7 +189,9 @@ def ours_worker(args) -> None:
         tx = train_lib.make_optimizer(cfg)
         spec = train_lib.step_spec(cfg, model, 1)
         compiler = AheadOfTime()
-        programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx))
+        programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx),
+                                           tokens=state["tokens"], plan=state["plan"], total_steps=args.steps,
+                                           batch_size=args.batch_size)
         state["losses"][loss] = s = {"spec": spec, "compiler": compiler, "programs": programs,
                                      "rates": train_lib.learning_rates(cfg, args.steps), "tx": tx.as_inputs(),
                                      "rng": jax.random.PRNGKey(SEED)}
@@ -351,7 +353,8 @@ def memory_worker(args, kind: str, loss: str, train_file: str, out: Path) -> dic
     dispatches = [next(data_lib.dispatch_groups(tokens, layout, shapes, plan, s, s + 1, 1)) for s in steps]
     tx = train_lib.make_optimizer(cfg)
     compiler = AheadOfTime()
-    programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx))
+    programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx), tokens=tokens,
+                                       plan=plan, total_steps=steps_per_epoch, batch_size=cfg.batch_size)
     plans = {}
     for program in sorted({d.program for d in dispatches}):
         analysis = programs.get(program).memory_analysis()

@@ -280,14 +280,14 @@ def general_rows(sentences: list, shapes: StepShapes) -> dict:
     """ids/positions/segments/slots [micro_batches, micro_rows, micro_length], and micro_batches
     [] (how many of them hold sentences)."""
     arrays = _empty_rows((shapes.micro_batches, shapes.micro_rows, shapes.micro_length), shapes)
-    if sentences:
-        rows = pack_sentences([len(ids) for _, ids in sentences], shapes.micro_length)
-        _fill_rows({k: v.reshape(-1) for k, v in arrays.items()}, sentences, rows, shapes.micro_length)
-        used = -(-len(rows) // shapes.micro_rows)
-    else:
-        used = 0
-    arrays["micro_batches"] = np.int32(used)
+    rows = _general_packing(sentences, shapes)
+    _fill_rows({k: v.reshape(-1) for k, v in arrays.items()}, sentences, rows, shapes.micro_length)
+    arrays["micro_batches"] = np.int32(-(-len(rows) // shapes.micro_rows))
     return arrays
+
+
+def _general_packing(sentences: list, shapes: StepShapes) -> list[list[int]]:
+    return pack_sentences([len(ids) for _, ids in sentences], shapes.micro_length)
 
 
 def _pair_arrays(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, device: int) -> dict:
@@ -374,16 +374,17 @@ def example_dispatch(shapes: StepShapes, local_devices: int, steps_per_dispatch:
 
 
 def general_steps(data: TokenizedPairs, layout: BatchLayout, shapes: StepShapes, plan: BatchPlan | int,
-                  start_step: int, end_step: int) -> list[int]:
+                  start_step: int, end_step: int) -> dict[int, int]:
     """The steps of [start_step, end_step) that do not fit the fast shape (on some device of the
-    global batch), found without building any arrays."""
+    global batch), in order, each with the most micro-batches of the general shape a device needs
+    for it; found without building any arrays."""
     plan = _as_plan(plan, data, layout)
-    out = []
+    out = {}
     for s in range(start_step, end_step):
         idx = plan.indices(s)
-        if any(_fast_packing(_device_sentences(data, idx, layout, d), shapes) is None
-               for d in range(layout.global_devices)):
-            out.append(s)
+        sentences = [_device_sentences(data, idx, layout, d) for d in range(layout.global_devices)]
+        if any(_fast_packing(x, shapes) is None for x in sentences):
+            out[s] = max(-(-len(_general_packing(x, shapes)) // shapes.micro_rows) for x in sentences)
     return out
 
 

@@ -347,13 +347,15 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
         steps = _plan_steps(cfg, run_data, model, spec.loss)
         trained = steps.rows.train_params(model.params)
         programs = TrainPrograms(spec, cfg.steps_per_dispatch, compiler,
-                                 jax.eval_shape(lambda: init_state(trained, make_optimizer(cfg))))
+                                 jax.eval_shape(lambda: init_state(trained, make_optimizer(cfg))),
+                                 tokens=steps.tokens, plan=steps.plan, total_steps=steps.total,
+                                 batch_size=cfg.batch_size)
         programs.prepare(spec.shapes.programs[0])
         if not (out / "checkpoints").is_dir():
             # A new run starts at step 0, so whether it needs the general program is known now:
             # start compiling it here rather than after the checkpoints are opened (a cold run's
             # first general step waited for it).
-            programs.general_steps(steps, 0, cfg.batch_size)
+            programs.general_steps(0)
         evaluators = build_evaluators(cfg, run_data)
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
@@ -369,10 +371,16 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
 
 
 class TrainPrograms:
-    """The run's two train programs (train_step.py), compiled ahead of time by `compiler`."""
+    """The run's two train programs (train_step.py), compiled ahead of time by `compiler`.
 
-    def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState):
+    Which steps need the general program, and whether it needs GradCache's loop, is decided from
+    the whole run's plan (steps 0 to total_steps of `plan` over `tokens`), whatever step a resumed
+    run starts at, so that a resumed run compiles the programs the run began with."""
+
+    def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState, *,
+                 tokens: data_lib.TokenizedPairs, plan: data_lib.BatchPlan, total_steps: int, batch_size: int):
         self.spec, self.steps_per_dispatch, self.compiler = spec, steps_per_dispatch, compiler
+        self.tokens, self.plan, self.total_steps, self.batch_size = tokens, plan, total_steps, batch_size
         self.n_global, self.n_local = jax.device_count(), jax.local_device_count()
         state = jax.eval_shape(lambda s: s, example_state)  # shapes only (arrays or ShapeDtypeStructs)
         if self.n_global > 1:  # replicated: a leading axis of local devices
@@ -382,7 +390,22 @@ class TrainPrograms:
             # which takes no ShapeDtypeStruct: lower it for zeros (broadcast views, no memory).
             state = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), state)
         self._example_state = state
-        self._general: dict[tuple[int, int], list[int]] = {}
+        self._run_general: dict[int, int] | None = None  # the run's general steps: their micro-batches
+
+    def _general_of_run(self) -> dict[int, int]:
+        if self._run_general is None:
+            layout = data_lib.BatchLayout(self.batch_size, self.n_global, self.n_local,
+                                          jax.process_index() * self.n_local)
+            self._run_general = data_lib.general_steps(self.tokens, layout, self.spec.shapes, self.plan, 0,
+                                                       self.total_steps)
+        return self._run_general
+
+    def spec_of(self, program: str) -> StepSpec:
+        """The StepSpec `program` is compiled for: the general program holds GradCache's loop only if
+        some step of the run needs several micro-batches."""
+        if program != "general":
+            return self.spec
+        return dataclasses.replace(self.spec, gradcache=max(self._general_of_run().values(), default=0) > 1)
 
     def prepare(self, program: str) -> None:
         """Start compiling `program` (if not yet started)."""
@@ -391,26 +414,30 @@ class TrainPrograms:
         batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
         batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
         rng = np.zeros((2,), np.uint32)
-        self.compiler.submit(program, step_program(self.spec, program, self.n_global), self._example_state,
-                             batches, rng, make_optimizer(TrainConfig()).as_inputs(),
+        self.compiler.submit(program, step_program(self.spec_of(program), program, self.n_global),
+                             self._example_state, batches, rng, make_optimizer(TrainConfig()).as_inputs(),
                              call_compiled=jax.process_count() == 1)
 
     def get(self, program: str):
         self.prepare(program)
         return self.compiler.get(program)
 
-    def general_steps(self, steps: "_PlannedSteps", start_step: int, batch_size: int) -> list[int]:
-        """The steps of [start_step, steps.total) that need the general program; it starts compiling
-        if there are any, or if the last dispatch is short (padded in the general program)."""
-        key = (start_step, steps.total)
-        if key not in self._general:
-            layout = data_lib.BatchLayout(batch_size, self.n_global, self.n_local, jax.process_index() * self.n_local)
-            self._general[key] = data_lib.general_steps(steps.tokens, layout, self.spec.shapes, steps.plan,
-                                                        start_step, steps.total)
-        general = self._general[key]
-        if general or (steps.total - start_step) % self.steps_per_dispatch:
+    def general_steps(self, start_step: int) -> list[int]:
+        """The steps of [start_step, the run's end) that need the general program; it starts
+        compiling if there are any, or if the last dispatch is short (padded in the general program)."""
+        general = [s for s in self._general_of_run() if s >= start_step]
+        if general or (self.total_steps - start_step) % self.steps_per_dispatch:
             self.prepare("general")
         return general
+
+    def check(self, dispatch: data_lib.Dispatch) -> None:
+        """A general program compiled without GradCache's loop must never get a step that needs it:
+        the plan it was decided from says none does."""
+        if dispatch.program == "general" and not self.spec_of("general").gradcache:
+            most = int(np.max(dispatch.arrays["general"]["micro_batches"]))
+            if most > 1:
+                raise RuntimeError(f"steps {dispatch.first}-{dispatch.first + dispatch.n - 1} need {most} micro-batches, "
+                                   "but the general program was compiled for one: the run's plan and its batches disagree")
 
 
 def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_per_dispatch: int) -> dict:
@@ -474,7 +501,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
     shapes = programs.spec.shapes
-    general = programs.general_steps(steps, start_step, cfg.batch_size)  # compiled while the first fast steps run
+    general = programs.general_steps(start_step)  # compiled while the first fast steps run
     if evaluators:  # the evaluation's programs too: after the train programs, before the first evaluation
         from minilm_jax.encode import warm_up
 
@@ -520,6 +547,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     try:
         for dispatch in groups:
             first, n = dispatch.first, dispatch.n
+            programs.check(dispatch)
             if not programs.compiler.ready(dispatch.program):
                 log.pause()  # waiting for a compile is not training time
                 step_fn = programs.get(dispatch.program)

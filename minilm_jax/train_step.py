@@ -9,11 +9,13 @@ dtype, dropout on or off, steps per dispatch) is a `StepSpec`.
 
 The two programs (data.StepShapes):
 - 'fast': the step's sentences packed in one batch of the fast shape, differentiated directly;
-- 'general': any step, as micro-batches of rows as long as the longest sentence. Their
-  embeddings are computed first without gradient, the loss's gradient with respect to the
-  embeddings is taken, then each micro-batch is run again and differentiated against its part of
-  that gradient (GradCache, Gao et al. 2021). The same loss and gradient, for about one more
-  forward pass; a rare step (0.8% of the Quora recipe's) takes it.
+- 'general': any step, as micro-batches of rows as long as the longest sentence (256). A step
+  that fits one micro-batch is differentiated directly; one that needs several has their
+  embeddings computed first without gradient, the loss's gradient with respect to the embeddings
+  taken, then each micro-batch run again and differentiated against its part of that gradient
+  (GradCache, Gao et al. 2021): the same loss and gradient, for about one more forward pass. A run
+  none of whose steps needs several micro-batches compiles the program without that loop
+  (StepSpec.gradcache).
 With several steps per dispatch, the general program runs each step in the shape it fits, and
 also takes the run's last, shorter dispatch (padded with steps that change nothing).
 """
@@ -70,6 +72,10 @@ class StepSpec:
     shapes: StepShapes
     dtype_name: str = "float32"
     dropout: bool = True
+    # Whether the general program holds GradCache's loop over several micro-batches. A run none of
+    # whose steps needs it (every Quora and STS-B step at batch 16) leaves it out: the general
+    # program then compiles in about 60% of the time (bench/RESULTS.md), with the same result.
+    gradcache: bool = True
 
 
 # ----------------------------------------------------------------------------- loss and gradient
@@ -155,9 +161,17 @@ def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, 
 
         return loss, jax.lax.fori_loop(0, n_used, add_micro_grads, jax.tree.map(jnp.zeros_like, local_params))
 
+    def never_taken():
+        # Without the loop the conditional stays, with this branch in the loop's place: XLA then
+        # compiles the direct branch as in the program with the loop, to the same rounding (a
+        # program of the direct branch alone rounded some steps' gradients differently). The host
+        # never sends such a step (train_lib.TrainPrograms.check); if one came, its NaN loss
+        # would stop the run as non-finite.
+        return jnp.float32(jnp.nan), jax.tree.map(jnp.zeros_like, local_params)
+
     # Every device must take the same branch (the loss may gather across devices).
     most = jax.lax.pmax(n_used, axis_name) if axis_name else n_used
-    loss, grads = jax.lax.cond(most <= 1, one_micro_batch, cached)
+    loss, grads = jax.lax.cond(most <= 1, one_micro_batch, cached if spec.gradcache else never_taken)
     return _sparse_table_grads(loss, grads, rows_N, axis_name)
 
 

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -116,6 +117,63 @@ def test_general_program_gives_the_fast_program_s_loss_and_gradient(jax_model, q
 
     table_f = dense(table_f)
     np.testing.assert_allclose(dense(table_g), table_f, rtol=1e-5, atol=1e-5 * np.abs(table_f).max())
+
+
+def test_the_general_program_holds_gradcache_only_when_the_run_needs_it(model_path, quora_tokens, tmp_path):
+    """Decided from the whole run's plan: no Quora step at batch 16 needs more than one micro-batch,
+    so the general program leaves GradCache's loop out; with one row per micro-batch steps need
+    several, and it keeps it. Without the loop it computes the same steps bit for bit, a step of
+    several micro-batches is refused on the host, and one that got through would stop the run
+    (its loss is not finite)."""
+    from minilm_jax import train_lib
+    from minilm_jax.ahead_of_time import AheadOfTime
+    from minilm_jax.encode import load
+
+    # The real model's sentence length (the tokens are the real tokenizer's, truncated at 256).
+    tiny = load(write_tiny_model(model_path, str(tmp_path / "tiny"), max_seq_length=256))
+    cfg = train_lib.TrainConfig(batch_size=16)
+    tx = train_lib.make_optimizer(cfg)
+    compiler = AheadOfTime()
+    total = 60
+
+    def programs(spec):
+        return train_lib.TrainPrograms(spec, 1, compiler, jax.eval_shape(lambda: train_step.init_state(tiny.params, tx)),
+                                       tokens=quora_tokens, plan=data_lib.BatchPlan(len(quora_tokens), 16, 42),
+                                       total_steps=total, batch_size=16)
+
+    spec = train_lib.step_spec(cfg, tiny, 1)
+    usual = programs(spec)
+    general = usual.general_steps(0)
+    assert len(general) >= 3 and set(usual._general_of_run().values()) == {1}
+    assert not usual.spec_of("general").gradcache and usual.spec_of("fast") == spec
+    assert usual.general_steps(general[1]) == general[1:]  # a resumed run: the same decision, later steps
+    narrow = programs(dataclasses.replace(spec, shapes=data_lib.step_shapes(16, 2, 256, tokens_per_device=256)))
+    assert narrow.spec_of("general").gradcache and max(narrow._general_of_run().values()) > 1
+    several = next(s for s, n in narrow._general_of_run().items() if n > 1)
+    wide_dispatch = next(data_lib.dispatch_groups(quora_tokens, data_lib.BatchLayout(16), narrow.spec.shapes, 42,
+                                                  several, several + 1))
+    with pytest.raises(RuntimeError, match="micro-batches, but"):  # batches the plan did not foresee
+        usual.check(wide_dispatch)
+
+    rates, rng, inputs = train_lib.learning_rates(cfg, total), jax.random.PRNGKey(0), tx.as_inputs()
+    results = []
+    for gradcache in (True, False):
+        program = train_step.step_program(dataclasses.replace(spec, gradcache=gradcache), "general", 1)
+        state = train_step.to_devices(train_step.init_host_state(tiny.params, tx), 1)
+        norms = []
+        for s in general[:3]:
+            d = next(data_lib.dispatch_groups(quora_tokens, data_lib.BatchLayout(16), spec.shapes, 42, s, s + 1))
+            state, metrics = program(state, train_lib.with_learning_rates(d, rates, 1), rng, inputs)
+            norms.append(float(metrics["grad_norm"][0, 0]))
+        results.append((train_step.from_devices(state, 1), norms))
+    assert results[0][1] == results[1][1]
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(results[1][0]), jax.tree.leaves(results[0][0])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    no_loop = train_step.step_program(dataclasses.replace(narrow.spec, gradcache=False), "general", 1)
+    _, metrics = no_loop(train_step.to_devices(train_step.init_host_state(tiny.params, tx), 1),
+                         train_lib.with_learning_rates(wide_dispatch, rates, 1), rng, inputs)
+    assert not bool(metrics["finite"][0, 0])
+    compiler.close()
 
 
 def _cache_entries(folder) -> list[str]:
