@@ -20,9 +20,10 @@ Trainer does. A few untimed steps come first.
 
 Both sides run in their own worker process (ours with the memory settings train.py makes,
 minilm_jax/host_memory.py; theirs with glibc's defaults unless --st-keep-freed-memory), and the
-timed passes alternate (ours, theirs, theirs, ours, ...); each figure is the median of --passes passes of --steps steps. The token table
-compares the work each side does per step: real tokens, sentence-transformers' padded tokens,
-our packed rows x row length, and the model FLOPs those imply (3x the forward pass).
+timed passes alternate (ours, theirs, theirs, ours, ...); each figure is the median of --passes
+passes of --steps steps. The token table compares the work each side does per step: real
+tokens, sentence-transformers' padded tokens, our packed rows x row length, and the model FLOPs
+those imply (3x the forward pass).
 """
 
 from __future__ import annotations
@@ -352,14 +353,13 @@ def main(argv=None) -> int:
         from minilm_jax.host_memory import keep_step_memory
 
         keep_step_memory()  # as train.py does, before JAX's backend starts
-    elif args.worker == "st" and args.st_keep_freed_memory:
-        from minilm_jax.host_memory import keep_freed_memory
-
-        keep_freed_memory()
-    if args.worker == "ours":
         ours_worker(args)
         return 0
     if args.worker == "st":
+        if args.st_keep_freed_memory:
+            from minilm_jax.host_memory import keep_freed_memory
+
+            keep_freed_memory()
         st_worker(args)
         return 0
     if args.steps < 1 or args.passes < 1 or min(args.batch_sizes) < 1 or args.steps_per_dispatch < 1:

@@ -10,7 +10,7 @@ kernel CPU per step on 2 cores (bench/RESULTS.md). Two settings keep the block f
   main thread, whose blocks come from glibc's main heap. A block freed on JAX's own execution
   thread would come from that thread's arena, which grows in heaps of at most 64 MB and so still
   maps a 160 MB block afresh. (Limiting glibc to one arena for every thread does the same for
-  them, but makes XLA's compiler threads queue on its lock: compiles took 1.4-1.8x as long.)
+  them, but makes XLA's compiler threads queue on its lock: compiles took 1.3-1.75x as long.)
 
 JAX applies the dispatch setting only to single-device programs; pmap over several devices keeps
 its own threads. The settings change where memory comes from, not what is computed: results are

@@ -8,6 +8,7 @@ The train step and its two compiled programs are in train_step.py; the run folde
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -161,7 +162,7 @@ def learning_rates(cfg: TrainConfig, total_steps: int) -> np.ndarray:
 
     decay = linear(cfg.learning_rate, 0.0, max(total_steps - cfg.warmup_steps, 1), step - cfg.warmup_steps)
     if not cfg.warmup_steps:
-        return linear(cfg.learning_rate, 0.0, max(total_steps, 1), step)
+        return decay
     return np.where(step < cfg.warmup_steps, linear(0.0, cfg.learning_rate, cfg.warmup_steps, step), decay)
 
 
@@ -400,12 +401,14 @@ class TrainPrograms:
                                                        self.total_steps)
         return self._run_general
 
+    @functools.cached_property
+    def _general_spec(self) -> StepSpec:
+        return dataclasses.replace(self.spec, gradcache=max(self._general_of_run().values(), default=0) > 1)
+
     def spec_of(self, program: str) -> StepSpec:
         """The StepSpec `program` is compiled for: the general program holds GradCache's loop only if
         some step of the run needs several micro-batches."""
-        if program != "general":
-            return self.spec
-        return dataclasses.replace(self.spec, gradcache=max(self._general_of_run().values(), default=0) > 1)
+        return self._general_spec if program == "general" else self.spec
 
     def prepare(self, program: str) -> None:
         """Start compiling `program` (if not yet started)."""
@@ -433,7 +436,7 @@ class TrainPrograms:
     def check(self, dispatch: data_lib.Dispatch) -> None:
         """A general program compiled without GradCache's loop must never get a step that needs it:
         the plan it was decided from says none does."""
-        if dispatch.program == "general" and not self.spec_of("general").gradcache:
+        if dispatch.program == "general" and not self._general_spec.gradcache:
             most = int(np.max(dispatch.arrays["general"]["micro_batches"]))
             if most > 1:
                 raise RuntimeError(f"steps {dispatch.first}-{dispatch.first + dispatch.n - 1} need {most} micro-batches, "

@@ -74,7 +74,8 @@ class StepSpec:
     dropout: bool = True
     # Whether the general program holds GradCache's loop over several micro-batches. A run none of
     # whose steps needs it (every Quora and STS-B step at batch 16) leaves it out: the general
-    # program then compiles in about 60% of the time (bench/RESULTS.md), with the same result.
+    # program then lowers and compiles in about half the time (bench/RESULTS.md), with the same
+    # result.
     gradcache: bool = True
 
 
