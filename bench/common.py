@@ -220,8 +220,15 @@ def repo_version() -> str:
     return (head or "unknown") + ("+dirty" if dirty else "")
 
 
-VERSION_NAMES = ["jax", "jaxlib", "flax", "optax", "torch", "sentence-transformers", "transformers", "tokenizers",
-                 "numpy"]
+VERSION_NAMES = ["jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "torch", "sentence-transformers", "transformers",
+                 "tokenizers", "datasets", "numpy"]
+
+
+def versions_line(extra: tuple[str, ...] = ()) -> str:
+    """The line every benchmark prints: the versions it ran with and the commit, so that a figure in
+    RESULTS.md can be traced to its environment (tests/requirements-lock.txt holds the locked set)."""
+    versions = versions_of(VERSION_NAMES + list(extra))
+    return "versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; minilm-jax {repo_version()}"
 
 
 def peak_rss_mib() -> float:

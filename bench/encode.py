@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     versions = common.versions_of(common.VERSION_NAMES)
     out(f"# bench/encode.py  {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     out(f"machine: {common.machine_line()}")
-    out("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; minilm-jax {common.repo_version()}")
+    out(common.versions_line())
     out(f"data: {args.n} distinct sentences from {data_file.name}, {args.passes} steady passes per row (median); "
         f"model {args.model}")
     for name in names:

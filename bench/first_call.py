@@ -124,8 +124,7 @@ def main(argv=None) -> int:
     diff = float(np.abs(ours - theirs).max())
     out(f"# bench/first_call.py  {' '.join(sys.argv[1:]) if argv is None else ' '.join(argv)}")
     out(f"machine: {common.machine_line()}")
-    versions = common.versions_of(common.VERSION_NAMES)
-    out("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; minilm-jax {common.repo_version()}")
+    out(common.versions_line())
     out(f"a fresh process: import, load {args.model}, encode {len(SENTENCES)} sentences; {args.rounds} rounds, "
         "median (min-max)")
     rows = []

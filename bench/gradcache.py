@@ -589,8 +589,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     say(f"# bench/gradcache.py  {' '.join(given)}")
     say(f"machine: {common.machine_line()}, MemAvailable {mem_available_gib():.1f} GiB")
-    say("versions: " + ", ".join(f"{k} {v}" for k, v in common.versions_of(common.VERSION_NAMES).items())
-        + f"; minilm-jax {common.repo_version()}")
+    say(common.versions_line())
     report: dict = {"argv": given, "machine": common.machine_line()}
     if "speed" in args.parts:
         t = time.perf_counter()

@@ -50,6 +50,7 @@ def main(argv=None) -> int:
         state = jax.tree.map(lambda x: jax.ShapeDtypeStruct((jax.local_device_count(), *x.shape), x.dtype), state)
     print(f"# bench/program_stats.py {' '.join(sys.argv[1:] if argv is None else argv)}")
     print(f"machine: {common.machine_line()}; backend {jax.default_backend()}, {n} device(s); shapes {spec.shapes}")
+    print(common.versions_line())
     rows = []
     for program in train_step.PROGRAMS:
         batches = data_lib.example_dispatch(spec.shapes, jax.local_device_count(), args.steps_per_dispatch, program)

@@ -222,8 +222,7 @@ def main(argv=None) -> int:
     n_eval = len(eval_pairs(args)[0])
     say(f"# bench/quora_recipe.py  {' '.join(sys.argv[1:] if argv is None else argv)}")
     say(f"machine: {common.machine_line()}")
-    say("versions: " + ", ".join(f"{k} {v}" for k, v in common.versions_of(
-        common.VERSION_NAMES + ["accelerate", "datasets"]).items()) + f"; minilm-jax {common.repo_version()}")
+    say(common.versions_line(("accelerate",)))
     say(f"train {args.train_file}, eval {args.eval_file} ({n_eval} pairs), device {args.device}, "
         f"{'max steps ' + str(args.max_steps) if args.max_steps else str(args.epochs) + ' epochs'}, "
         f"batch {args.batch_size}, output {out}")

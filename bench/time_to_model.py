@@ -145,8 +145,7 @@ def main(argv=None) -> int:
     say = common.Tee(args.log)
     say(f"# bench/time_to_model.py  {' '.join(sys.argv[1:] if argv is None else argv)}")
     say(f"machine: {common.machine_line()}")
-    say("versions: " + ", ".join(f"{k} {v}" for k, v in common.versions_of(
-        common.VERSION_NAMES + ["accelerate", "datasets"]).items()) + f"; minilm-jax {common.repo_version()}")
+    say(common.versions_line(("accelerate",)))
     say(f"data: first {args.pairs} pairs of quora_train.tsv, 1 epoch, batch {args.batch_size}, device {args.device}")
     passes = []
     for k in range(args.passes):

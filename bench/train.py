@@ -407,7 +407,7 @@ def main(argv=None) -> int:
     versions = common.versions_of(common.VERSION_NAMES)
     out(f"# bench/train.py  {' '.join(given)}")
     out(f"machine: {common.machine_line()}")
-    out("versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + f"; minilm-jax {common.repo_version()}")
+    out(common.versions_line())
     out(f"data: {train_file.name} ({setups[names[0]]['n_pairs']} pairs), steps 0..{args.steps - 1} of seed {SEED}'s "
         f"order, {args.passes} timed passes of {args.steps} steps per row (median); dropout "
         f"{'on' if args.dropout else 'off'}")

@@ -1,4 +1,4 @@
-"""minilm_jax/evaluators.py against sentence-transformers 6.2's evaluators, and evaluate.py --evaluator.
+"""minilm_jax/evaluators.py against sentence-transformers' evaluators (6.2, and 6.3 since the test stack was locked), and evaluate.py --evaluator.
 
 The parity tests embed 300 real rows of quora_dev.tsv once with the real model and give the same
 embeddings to both libraries: sentence-transformers' evaluators get a stand-in model whose `encode`

@@ -1,4 +1,4 @@
-"""The losses of minilm_jax.losses against their sentence-transformers 6.2 twins, on real
+"""The losses of minilm_jax.losses against their sentence-transformers twins (6.2, and 6.3 since the test stack was locked), on real
 all-MiniLM-L6-v2 embeddings of real rows (Quora dev pairs, STS-B dev pairs):
 
 - value and gradient with respect to the embeddings, for every loss and the main options;
@@ -154,23 +154,32 @@ def real_data(data_dir, st_model) -> dict:
     return out
 
 
-class _FixedEmbeddings:
-    """A stand-in SentenceTransformer whose 'forward' returns the embeddings it is given, so that
-    sentence-transformers' own loss code (MatryoshkaLoss's forward decorator included) runs on
-    exactly our embeddings."""
+def given_embeddings_model(dim: int):
+    """A real SentenceTransformer whose one module passes on the embeddings it is given, so that
+    sentence-transformers' own loss code (MatryoshkaLoss's forward decorator and its questions to the
+    model, such as the embedding dimension) runs on exactly our embeddings. Being a SentenceTransformer,
+    it answers whatever a new release's losses ask of a model, as any model would."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules.module import Module
 
-    @staticmethod
-    def make(dim: int):
-        import torch
+    class GivenEmbeddings(Module):
+        config_keys = ["dim"]
 
-        class Fixed(torch.nn.Module):
-            def get_embedding_dimension(self):
-                return dim
+        def __init__(self, dim: int):
+            super().__init__()
+            self.dim = dim
 
-            def forward(self, features):
-                return {"sentence_embedding": features["embedding"]}
+        def forward(self, features, **kwargs):
+            features["sentence_embedding"] = features["embedding"]
+            return features
 
-        return Fixed()
+        def get_embedding_dimension(self) -> int:
+            return self.dim
+
+        def save(self, output_path, *args, **kwargs):
+            raise NotImplementedError("a test stand-in is never saved")
+
+    return SentenceTransformer(modules=[GivenEmbeddings(dim)], device="cpu")
 
 
 def st_value_and_grad(case: str, columns: np.ndarray, labels: np.ndarray, dtype=np.float32) -> tuple[float, np.ndarray]:
@@ -178,7 +187,7 @@ def st_value_and_grad(case: str, columns: np.ndarray, labels: np.ndarray, dtype=
     (float64: the exact value of its formula, free of its own float32 rounding)."""
     import torch
 
-    model = _FixedEmbeddings.make(columns.shape[-1])
+    model = given_embeddings_model(columns.shape[-1])
     loss = st_twin(case, model)
     leaves = [torch.tensor(c.astype(dtype), requires_grad=True) for c in columns]
     value = loss([{"embedding": leaf} for leaf in leaves], torch.tensor(labels.astype(dtype)))
@@ -228,7 +237,7 @@ def test_name_parameters_and_citation_are_sentence_transformers(case):
     import dataclasses
 
     loss = our_cases()[case][0]
-    twin = st_twin(case, _FixedEmbeddings.make(384))
+    twin = st_twin(case, given_embeddings_model(384))
     assert loss.name == type(twin).__name__
     ours = loss.parameters()
     if "gather_across_devices" in ours:  # ours gathers by default, sentence-transformers does not
