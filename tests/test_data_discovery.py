@@ -114,10 +114,10 @@ def test_skipped_for_data_by_hand():
 
 @pytest.fixture
 def checkout(tmp_path) -> Path:
-    """A scratch checkout: this repo's conftest, data_sources and .ci/run, the venv, one test file."""
+    """A scratch checkout: this repo's conftest, data_sources, lock and .ci/run, the venv, one test file."""
     root = tmp_path / "clone"
     (root / "tests").mkdir(parents=True)
-    for name in ("conftest.py", "data_sources.py"):
+    for name in ("conftest.py", "data_sources.py", "lock_check.py", "requirements-lock.txt"):
         shutil.copy(REPO_ROOT / "tests" / name, root / "tests" / name)
     (root / "tests" / "test_session.py").write_text(SESSION_TESTS)
     shutil.copytree(REPO_ROOT / ".ci", root / ".ci")

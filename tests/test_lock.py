@@ -42,6 +42,9 @@ def test_lock_check_names_a_drifted_package(tmp_path):
     assert out.returncode == 1
     assert "numpy: installed" in out.stderr and "locked 0.0.1" in out.stderr
     assert "pytest" not in out.stderr.split("error: 1 package")[0]
+    warned = subprocess.run([sys.executable, str(ROOT / "tests" / "lock_check.py"), "--warn", str(drifted)],
+                            capture_output=True, text=True)
+    assert warned.returncode == 0 and "warning: numpy: installed" in warned.stderr
     not_a_pin = tmp_path / "range.txt"
     not_a_pin.write_text("numpy>=1\n")
     out = subprocess.run([sys.executable, str(ROOT / "tests" / "lock_check.py"), str(not_a_pin)],
