@@ -98,3 +98,97 @@ def test_encode_equals_sentence_transformers(case, built, texts):
         assert not np.allclose(outputs["default"], outputs["prompt_name"], atol=1e-4)
     else:
         assert case.default_prompt_name == "query" or not np.allclose(outputs["default"], outputs["prompt_name"])
+
+
+def _folder_tensors(folder) -> dict:
+    """Every tensor of a sentence-transformers folder, keyed 'module path/tensor name'."""
+    from minilm_jax.checkpoint_io import read_torch_weights
+
+    modules = json.loads((folder / "modules.json").read_text())
+    out = {}
+    for m in modules:
+        path = folder / m["path"]
+        if m["type"].endswith(("Transformer", "Dense")):
+            out.update({f"{m['type'].rsplit('.', 1)[-1]}{m['idx']}/{k}": v for k, v in read_torch_weights(path).items()})
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_export_loads_in_sentence_transformers_and_round_trips_bit_for_bit(case, built, texts, tmp_path):
+    import jax
+    from sentence_transformers import SentenceTransformer
+
+    import minilm_jax
+    from minilm_jax import checkpoint_io
+
+    st, folder = built(case)
+    model = checkpoint_io.load_model(str(folder))
+    checkpoint_io.save_sentence_transformers(model, str(tmp_path / "st"))
+    checkpoint_io.save_minilm_jax(model, str(tmp_path / "ours"))
+
+    # sentence-transformers loads our export: the same tensors, the same stack, the same embeddings.
+    exported = SentenceTransformer(str(tmp_path / "st"), device="cpu")
+    assert [type(m).__name__ for m in exported] == [type(m).__name__ for m in st]
+    assert exported.prompts == st.prompts and exported.default_prompt_name == st.default_prompt_name
+    assert exported.similarity_fn_name == st.similarity_fn_name
+    assert exported[1].pooling_mode == st[1].pooling_mode and exported[1].include_prompt == st[1].include_prompt
+    original, ours = _folder_tensors(folder), _folder_tensors(tmp_path / "st")
+    original.pop("Transformer0/embeddings.position_ids", None)
+    ours.pop("Transformer0/embeddings.position_ids", None)
+    assert sorted(original) == sorted(ours)
+    assert all(np.array_equal(original[k], ours[k]) for k in original)
+    for kwargs in ({}, {"prompt_name": "query"}):
+        np.testing.assert_array_equal(exported.encode(texts, batch_size=16, **kwargs),
+                                      st.encode(texts, batch_size=16, **kwargs))
+
+    # Both our formats read back to the same model, bit for bit.
+    for out in ("st", "ours"):
+        again = checkpoint_io.load_model(str(tmp_path / out))
+        assert again.sentence == model.sentence and again.config == model.config
+        a, b = jax.tree.leaves_with_path(again.params), jax.tree.leaves_with_path(model.params)
+        assert [p for p, _ in a] == [p for p, _ in b]
+        assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b))
+        np.testing.assert_array_equal(minilm_jax.encode(texts, again), minilm_jax.encode(texts, model))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_packed_layout_equals_one_sentence_per_row(case, built, texts):
+    """Training's packed rows (several sentences to a row, data.fast_rows) against encode's layout
+    (one per row): the same embeddings for every pooling, with the prompt left out of pooling in
+    the first column and kept in the second."""
+    import jax
+    import jax.numpy as jnp
+
+    import minilm_jax
+    from minilm_jax import data as data_lib
+    from minilm_jax.embedding import packed_sentence_embeddings, sentence_embeddings
+    from minilm_jax.encode import prompt_length
+    from minilm_jax.tokenizer import pad_batch
+
+    _, folder = built(case)
+    model = minilm_jax.load(folder)
+    half = len(texts) // 2
+    prompted = [PROMPTS["query"] + t for t in texts[:half]] + texts[half:2 * half]
+    ids = model.tokenizer.token_ids(prompted)
+    skip = prompt_length(model, PROMPTS["query"])
+    assert skip == len(model.tokenizer.token_ids([PROMPTS["query"]])[0]) - 1 > 1
+    head = model.sentence.head
+
+    ids_np, mask_np = pad_batch(ids, max(len(x) for x in ids), len(ids), model.tokenizer.pad_id)
+    pool_mask = mask_np.copy()
+    pool_mask[:half, :skip] = 0
+    rows = jax.jit(lambda p, i, m, pm: sentence_embeddings(p, i, m, config=model.config, head=head,
+                                                           pool_mask_BxL=pm))(model.params, ids_np, mask_np, pool_mask)
+
+    length = model.sentence.max_seq_length
+    sentences = list(enumerate(ids))
+    packing = data_lib.pack_sentences([len(x) for x in ids], length)
+    assert len(packing) < len(ids)  # several sentences share rows
+    shapes = data_lib.StepShapes(half, 2, len(packing), length, 1, length, 1)
+    packed = data_lib.fast_rows(sentences, packing, shapes)
+    embed = jax.jit(lambda p, x: packed_sentence_embeddings(p, x, 2 * half, config=model.config, head=head,
+                                                            prompt_lengths=(skip, 0)))
+    out = embed(model.params, jax.tree.map(jnp.asarray, packed))
+    err = _relative(out, rows)
+    print(f"\n{case.id}: packed against one per row, max rel {err:.2e}")
+    assert err <= 1e-5
