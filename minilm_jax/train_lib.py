@@ -85,9 +85,12 @@ class TrainConfig:
     positives_only: bool = False  # keep the label-1 rows of a 0/1 pair-class file (for in-batch negatives)
     add_swapped: bool = False  # also train on every row swapped: (sentence2, sentence1)
     batch_sampler: str = "auto"  # shuffle, no-duplicates; auto: no-duplicates for in-batch-negative losses
+    # sentence-transformers' `prompts` training argument: "TEXT" (every column) or "COLUMN=TEXT"
+    # entries; a model's prompt can be named as "COLUMN=@NAME" (or "@NAME")
+    prompt: tuple = ()
 
     def __post_init__(self):
-        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column"):
+        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column", "prompt"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # a command line gives lists
 
     def validate(self) -> None:
@@ -177,7 +180,43 @@ def step_spec(cfg: TrainConfig, model, n_devices: int) -> StepSpec:
     shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2 + len(cfg.negative_column),
                                   model.sentence.max_seq_length, cfg.packed_tokens,
                                   mini_batch_size=getattr(loss, "mini_batch_size", None))
-    return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout)
+    prompt_lengths = ()
+    if not model.sentence.include_prompt and any(column_prompts(cfg, model)):
+        from minilm_jax.encode import prompt_length
+
+        prompt_lengths = tuple(prompt_length(model, p) if p else 0 for p in column_prompts(cfg, model))
+    return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout, head=model.sentence.head,
+                    prompt_lengths=prompt_lengths)
+
+
+def column_names(cfg: TrainConfig) -> tuple[str, ...]:
+    """The training data's text columns, in the order the train step lays them out."""
+    return (cfg.sentence1_column, cfg.sentence2_column, *cfg.negative_column)
+
+
+def column_prompts(cfg: TrainConfig, model) -> tuple[str, ...]:
+    """The prompt of each text column ("" for none), from --prompt: "TEXT" for every column,
+    "COLUMN=TEXT" for one; "@NAME" (or "COLUMN=@NAME") for the model's prompt NAME."""
+    names = column_names(cfg)
+    out = ["" for _ in names]
+    for entry in cfg.prompt:
+        column, sep, text = entry.partition("=")
+        if sep and column in names:
+            targets = [names.index(column)]
+        elif sep and column.isidentifier():
+            raise UsageError(f"--prompt {entry!r}: {column!r} is not a text column of the training data "
+                             f"({', '.join(names)}); write COLUMN=TEXT, or TEXT alone for every column")
+        else:
+            targets, text = list(range(len(names))), entry
+        if text.startswith("@"):
+            prompts = model.sentence.prompt_dict
+            if text[1:] not in prompts:
+                raise UsageError(f"--prompt {entry!r}: the model has no prompt named {text[1:]!r} "
+                                 f"({', '.join(prompts) or 'it has no prompts'})")
+            text = prompts[text[1:]]
+        for i in targets:
+            out[i] = text
+    return tuple(out)
 
 
 def batch_plan(cfg: TrainConfig, train: Pairs, loss) -> data_lib.BatchPlan:
@@ -461,7 +500,7 @@ class _PlannedSteps:
 
 def _plan_steps(cfg: TrainConfig, run_data: RunData, model, loss) -> _PlannedSteps:
     plan = batch_plan(cfg, run_data.train, loss)
-    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
+    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer, column_prompts(cfg, model))
     rows = TrainedRows.for_data(tokens, model.config.vocab_size, cfg.weight_decay)
     return _PlannedSteps(tokens, rows, plan, cfg.max_steps or plan.epoch_start(cfg.epochs))
 
