@@ -627,6 +627,12 @@ def _torch_activation(name: str) -> str:
     return f"torch.nn.modules.{'linear' if name == 'Identity' else 'activation'}.{name}"
 
 
+def dense_config(dense: DenseConfig) -> dict:
+    """N_Dense/config.json."""
+    return {"in_features": dense.in_features, "out_features": dense.out_features, "bias": dense.bias,
+            "activation_function": _torch_activation(dense.activation)}
+
+
 def pooling_config(sentence: SentenceConfig, hidden_size: int) -> dict:
     """1_Pooling/config.json. The legacy pooling_mode_* flags, which every sentence-transformers
     version reads, when they can say it (one mode, or several in their order); else 6.x's
@@ -671,9 +677,7 @@ def save_sentence_transformers(model: Model, out: str, overwrite: bool = False, 
         _write_json(tmp / modules[1]["path"] / "config.json", pooling_config(sentence, model.config.hidden_size))
         for i, dense in enumerate(sentence.dense):
             folder = tmp / modules[2 + i]["path"]
-            _write_json(folder / "config.json", {"in_features": dense.in_features, "out_features": dense.out_features,
-                                                 "bias": dense.bias,
-                                                 "activation_function": _torch_activation(dense.activation)})
+            _write_json(folder / "config.json", dense_config(dense))
             tensors = convert.dense_to_torch(_numpy_tree(model.params[dense_key(i)]), i, dense)
             _save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, folder / "model.safetensors",
                               metadata={"format": "pt"})

@@ -396,7 +396,7 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
             # start compiling it here rather than after the checkpoints are opened (a cold run's
             # first general step waited for it).
             programs.general_steps(0)
-        evaluators = build_evaluators(cfg, run_data)
+        evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.
@@ -505,13 +505,14 @@ def _plan_steps(cfg: TrainConfig, run_data: RunData, model, loss) -> _PlannedSte
     return _PlannedSteps(tokens, rows, plan, cfg.max_steps or plan.epoch_start(cfg.epochs))
 
 
-def build_evaluators(cfg: TrainConfig, run_data: RunData) -> list:
-    """The evaluators of the run, checked against its eval data before anything is written."""
+def build_evaluators(cfg: TrainConfig, run_data: RunData, model_similarity: str = "cosine") -> list:
+    """The evaluators of the run, checked against its eval data before anything is written; they
+    score with the model's similarity function, as sentence-transformers' evaluators do by default."""
     from minilm_jax.evaluators import build_evaluator
 
     if run_data.eval is None:
         return []
-    return [build_evaluator(name, pairs=run_data.eval) for name in cfg.evaluator]
+    return [build_evaluator(name, pairs=run_data.eval, model_similarity=model_similarity) for name in cfg.evaluator]
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, steps: _PlannedSteps,
