@@ -206,7 +206,7 @@ def _read_module_stack(folder: Path, config: BertConfig) -> tuple[SentenceConfig
     if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
         raise UserError(f"{modules_path} should hold a list of modules")
     kinds = []
-    for m in sorted(modules, key=lambda m: m.get("idx", 0)):
+    for m in modules:  # in the file's order, as sentence-transformers runs them
         kind = str(m.get("type", "")).rsplit(".", 1)[-1]
         if kind not in _MODULE_TYPES:
             raise UserError(f"{modules_path}: module {m.get('type')!r} is not supported; {_STACK_HELP} "
@@ -222,14 +222,13 @@ def _read_module_stack(folder: Path, config: BertConfig) -> tuple[SentenceConfig
                         "minilm-jax reads it from the model folder itself: move its files up, or re-save the model "
                         "with sentence-transformers 2.x or later")
     pooling, include_prompt = _read_pooling(folder / kinds[1][1].get("path", ""), config)
-    dense, dense_params = [], {}
-    for i, (_, m) in enumerate(kinds[2:2 + n_dense]):
-        cfg, params = _read_dense(folder / m.get("path", ""), i)
-        dense.append(cfg)
-        dense_params[dense_key(i)] = params
-    sentence = SentenceConfig(pooling=pooling, include_prompt=include_prompt, dense=tuple(dense),
+    dense_paths = [folder / m.get("path", "") for _, m in kinds[2:2 + n_dense]]
+    sentence = SentenceConfig(pooling=pooling, include_prompt=include_prompt,
+                              dense=tuple(_read_dense_config(path) for path in dense_paths),
                               normalize=order[-1] == "Normalize", **common)
-    return sentence, dense_params
+    sentence.head.check(config.hidden_size, str(modules_path))  # before any weights: the widths
+    return sentence, {dense_key(i): _read_dense_weights(path, i, dense)
+                      for i, (path, dense) in enumerate(zip(dense_paths, sentence.dense))}
 
 
 def _tokenizer_max_length(folder: Path, config: BertConfig) -> int:
@@ -263,7 +262,7 @@ def _read_pooling(path: Path, config: BertConfig) -> tuple[tuple[str, ...], bool
 _TORCH_ACTIVATION_PREFIXES = ("torch.nn.modules.activation.", "torch.nn.modules.linear.", "torch.nn.")
 
 
-def _read_dense(path: Path, index: int) -> tuple[DenseConfig, dict]:
+def _read_dense_config(path: Path) -> DenseConfig:
     raw = _read_json(path / "config.json")
     source = path / "config.json"
     for key in ("module_input_name", "module_output_name"):
@@ -280,12 +279,15 @@ def _read_dense(path: Path, index: int) -> tuple[DenseConfig, dict]:
         raise UserError(f"{source}: Dense activation {activation!r} would need custom code; minilm-jax computes "
                         f"torch.nn's {', '.join(DENSE_ACTIVATIONS)}")
     try:
-        dense = DenseConfig(int(raw["in_features"]), int(raw["out_features"]), bool(raw.get("bias", True)), name)
+        return DenseConfig(int(raw["in_features"]), int(raw["out_features"]), bool(raw.get("bias", True)), name)
     except (KeyError, TypeError, ValueError) as e:
         raise UserError(f"{source}: Dense needs integer in_features and out_features ({e})") from None
+
+
+def _read_dense_weights(path: Path, index: int, dense: DenseConfig) -> dict:
     state = read_torch_weights(path)
     check_finite(state, torch_weights_file(path))
-    return dense, convert.dense_from_torch(state, index, dense, str(torch_weights_file(path)))[dense_key(index)]
+    return convert.dense_from_torch(state, index, dense, str(torch_weights_file(path)))[dense_key(index)]
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -136,6 +136,12 @@ class Head:
             if mode not in POOLING_MODES:
                 raise UserError(f"pooling mode {mode!r} is not supported; use one of {', '.join(POOLING_MODES)}")
 
+    def describe(self) -> str:
+        """e.g. "cls pooling, Dense 384->256 Tanh, Normalize"."""
+        parts = [f"{'+'.join(self.pooling)} pooling"]
+        parts += [f"Dense {d.in_features}->{d.out_features} {d.activation}" for d in self.dense]
+        return ", ".join(parts + (["Normalize"] if self.normalize else []))
+
     def pooled_dimension(self, hidden_size: int) -> int:
         return len(self.pooling) * hidden_size
 

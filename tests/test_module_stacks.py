@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
@@ -280,3 +282,122 @@ def test_one_train_step_loss_and_gradient_equal_sentence_transformers(case, buil
           f"gradient rel to ST {overall:.2e}, to float64 {rel(ours, exact):.2e} (ST's own float32: {st_own:.2e})")
     assert abs(float(value) - st_value) <= 1e-5 * max(abs(st_value), 1e-3)
     assert overall <= 1e-5 or rel(ours, exact) <= 3 * st_own
+
+
+# ----------------------------------------------------------------------------- refusals and defaults
+
+def _edited_copy(folder, tmp_path, edit):
+    import shutil
+
+    out = tmp_path / "edited"
+    shutil.copytree(folder, out)
+    edit(out)
+    return out
+
+
+def _rewrite(path, change):
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda f: _rewrite(f / "config.json", lambda c: {**c, "model_type": "mpnet"}),
+     "model_type 'mpnet' is not supported; minilm-jax runs BERT models"),
+    (lambda f: _rewrite(f / "modules.json", lambda m: m[:2] + [{**m[2], "type": "sentence_transformers.models.LSTM"}]),
+     "module 'sentence_transformers.models.LSTM' is not supported; minilm-jax runs a BERT Transformer, then one "
+     "Pooling, then any Dense modules"),
+    (lambda f: _rewrite(f / "2_Dense" / "config.json", lambda c: {**c, "activation_function": "my_pkg.Swish"}),
+     "Dense activation 'my_pkg.Swish' would need custom code"),
+    (lambda f: _rewrite(f / "2_Dense" / "config.json", lambda c: {**c, "use_residual": True}),
+     "use_residual is not supported"),
+    (lambda f: _rewrite(f / "1_Pooling" / "config.json", lambda c: {**c, "pooling_mode": "median"}),
+     "pooling mode 'median' is not a sentence-transformers pooling mode"),
+    (lambda f: _rewrite(f / "modules.json", lambda m: [m[0], m[2], m[1]]),
+     "the modules Transformer -> Dense -> Pooling are not supported"),
+    (lambda f: _rewrite(f / "2_Dense" / "config.json", lambda c: {**c, "in_features": 7}),
+     "Dense module 0 has in_features 7 but its input has 48 dimensions"),
+    (lambda f: _rewrite(f / "config_sentence_transformers.json", lambda c: {**c, "default_prompt_name": "nope"}),
+     "default_prompt_name 'nope' is not one of the prompts"),
+])
+def test_unsupported_stacks_are_refused_by_name(edit, message, built, tmp_path):
+    from minilm_jax import checkpoint_io
+    from minilm_jax.errors import UserError
+
+    _, folder = built(CASES[1])  # small-cased, max pooling, one Dense (Tanh)
+    with pytest.raises(UserError, match=re.escape(message)):
+        checkpoint_io.load_model(str(_edited_copy(folder, tmp_path, edit)))
+
+
+def test_a_plain_bert_folder_gets_sentence_transformers_default_stack(built, texts, tmp_path):
+    """No modules.json: mean pooling and no Normalize, as SentenceTransformer(plain folder) builds."""
+    from sentence_transformers import SentenceTransformer
+
+    import minilm_jax
+
+    _, folder = built(CASES[2])
+    plain = folder.parent / f"{CASES[2].id}-bert"  # the transformers folder the case was built from
+    model = minilm_jax.load(plain)
+    assert model.sentence.pooling == ("mean",) and not model.sentence.normalize and not model.sentence.dense
+    st = SentenceTransformer(str(plain), device="cpu")
+    assert model.sentence.max_seq_length == st.max_seq_length
+    np.testing.assert_allclose(minilm_jax.encode(texts, model), st.encode(texts), atol=ENCODE_ATOL)
+
+
+@pytest.mark.parametrize("fn", ["cosine", "dot", "euclidean", "manhattan"])
+def test_similarity_follows_similarity_fn_name(fn, built, texts):
+    import minilm_jax
+
+    st, folder = built(CASES[4])
+    model = minilm_jax.load(folder)
+    model = model.replace(sentence=dataclasses.replace(model.sentence, similarity_fn_name=fn))
+    st.similarity_fn_name = fn
+    a, b = minilm_jax.encode(texts[:6], model), minilm_jax.encode(texts[6:10], model)
+    np.testing.assert_allclose(minilm_jax.similarity(a, b, model=model), st.similarity(a, b).numpy(), rtol=1e-5,
+                               atol=1e-5)
+    np.testing.assert_allclose(minilm_jax.similarity(a, b, fn), st.similarity(a, b).numpy(), rtol=1e-5, atol=1e-5)
+    from minilm_jax.evaluators import build_evaluator
+    from minilm_jax.pairs import Pairs
+
+    pairs = Pairs(texts[:4], texts[4:8], np.array([0.1, 0.9, 0.4, 0.7], np.float32))
+    assert build_evaluator("similarity", pairs=pairs, model_similarity=fn).primary_metric == f"spearman_{fn}"
+
+
+def test_prompt_option_of_train_py():
+    from minilm_jax.errors import UsageError
+    from minilm_jax.train_lib import TrainConfig, column_prompts
+
+    class _Model:
+        sentence = __import__("minilm_jax.config", fromlist=["SentenceConfig"]).SentenceConfig(prompts=PROMPTS)
+
+    def prompts(*entries, **cfg):
+        return column_prompts(TrainConfig(prompt=entries, **cfg), _Model())
+
+    assert prompts() == ("", "")
+    assert prompts("q: ") == ("q: ", "q: ")
+    assert prompts("sentence1=q: ", "sentence2=@passage") == ("q: ", "passage: ")
+    assert prompts("2+2=4: ") == ("2+2=4: ", "2+2=4: ")  # no column name before "=": the whole text
+    assert prompts("neg=@query", negative_column=("neg",)) == ("", "", "query: ")
+    with pytest.raises(UsageError, match="'sentence3' is not a text column"):
+        prompts("sentence3=x")
+    with pytest.raises(UsageError, match="no prompt named 'nope'"):
+        prompts("@nope")
+
+
+def test_model_card_lists_the_stack():
+    from minilm_jax.model_card import _architecture, _model_details
+
+    run = {"max_seq_length": 256, "do_lower_case": False, "hidden_size": 384, "normalize": False,
+           "pooling": {"embedding_dimension": 384, "pooling_mode": ["max", "cls"], "include_prompt": False},
+           "dense": [{"in_features": 768, "out_features": 256, "bias": True,
+                      "activation_function": "torch.nn.modules.activation.Tanh"}],
+           "embedding_dimension": 256, "similarity_fn_name": "dot", "prompts": {"query": "query: ", "document": ""},
+           "base_model": {"id": None, "name": "m", "read_from": None, "parent": None},
+           "train_dataset": {"name": "t.tsv", "id": None}}
+    text = _architecture(run)
+    assert "Pooling({'embedding_dimension': 384, 'pooling_mode': ['max', 'cls'], 'include_prompt': False})" in text
+    assert "(2): Dense({'in_features': 768, 'out_features': 256, 'bias': True, 'activation_function': " \
+           "'torch.nn.modules.activation.Tanh'})" in text
+    assert "Normalize" not in text
+    details = _model_details(run)
+    assert "**Output Dimensionality:** 256 dimensions" in details and "**Similarity Function:** Dot Product" in details
+    assert '`query`: "query: "' in details and "`document`" not in details
