@@ -334,11 +334,7 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if not isinstance(model, Model):
         model = load(model)
     compute_dtype(dtype)
-    prompt_text = resolve_prompt(model, prompt_name, prompt)
-    if prompt_text:
-        items = [prompt_text + s for s in items]
-    # Pooling leaves the prompt's tokens out only when the model says so (include_prompt False).
-    skip = prompt_length(model, prompt_text) if prompt_text and not model.sentence.include_prompt else 0
+    items, skip = _prompted(model, items, prompt_name, prompt)
     plan = _CallPlan.of(model, batch_size, devices)
     placement, per_call = plan.placement, plan.per_call
     head = model_head(model, normalize)
@@ -403,6 +399,15 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     return out[0] if single else out
 
 
+def _prompted(model: Model, items: list, prompt_name: str | None, prompt: str | None) -> tuple[list, int]:
+    """(the texts with the prompt before each, the leading tokens pooling skips: 0 unless the model's
+    Pooling leaves the prompt out, include_prompt False)."""
+    text = resolve_prompt(model, prompt_name, prompt)
+    if not text:
+        return items, 0
+    return [text + s for s in items], 0 if model.sentence.include_prompt else prompt_length(model, text)
+
+
 def _without_prompt(mask: np.ndarray, skip: int) -> np.ndarray:
     """The pooled tokens: the mask with each row's first `skip` tokens ([CLS] and the prompt) zeroed."""
     pooled = mask.copy()
@@ -416,23 +421,25 @@ def _token_lengths(model: Model, items: list) -> np.ndarray:
 
 def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool | None = None,
             dtype: str = "float32", devices=None) -> int:
-    """Compile, ahead of time, every program that encode(texts, model, ...) would compile for each
-    list of texts in `calls`, by running it once on padding (a training run does this on a
-    background thread before its first evaluation). Returns how many programs it compiled."""
+    """Compile, ahead of time, every program that encode(texts, model, ...) would compile (with the
+    model's default prompt, as the evaluators encode) for each list of texts in `calls`, by running
+    it once on padding (a training run does this on a background thread before its first
+    evaluation). Returns how many programs it compiled."""
     if not isinstance(model, Model):
         model = load(model)
     plan = _CallPlan.of(model, batch_size, devices)
-    shapes = set()
+    shapes, skip = set(), 0
     for texts in calls:
-        items = check_sentences(list(texts))
+        items, skip = _prompted(model, check_sentences(list(texts)), None, None)  # encode's default prompt
         if items:
             shapes.update(plan.shapes(np.sort(_token_lengths(model, items))[::-1]))
-    embed = _embed_fn(model.config, model_head(model, normalize), dtype)
+    embed = _embed_fn(model.config, model_head(model, normalize), dtype, pool_mask=bool(skip))
     params = _placed_params(model.params, plan.placement)
     before = compiled_programs()
     for n_rows, length in sorted(shapes):
         ids, mask = pad_batch([], length, n_rows, model.tokenizer.pad_id)
-        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement))
+        more = (mask,) if skip else ()
+        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement, *more))
     return compiled_programs() - before
 
 

@@ -401,3 +401,27 @@ def test_model_card_lists_the_stack():
     details = _model_details(run)
     assert "**Output Dimensionality:** 256 dimensions" in details and "**Similarity Function:** Dot Product" in details
     assert '`query`: "query: "' in details and "`document`" not in details
+
+
+def test_warm_up_compiles_what_encode_runs_and_embed_takes_the_head(built, texts):
+    """encode.warm_up compiles the programs of the evaluators' encode calls (the default prompt,
+    left out of pooling, included), so encode compiles nothing more; functional.embed with the
+    model's head equals encode."""
+    import jax
+
+    import importlib
+
+    import minilm_jax
+
+    encode_lib = importlib.import_module("minilm_jax.encode")  # the module (minilm_jax.encode is the function)
+    _, folder = built(CASES[0])  # CLS pooling, include_prompt False, default prompt "query"
+    model = minilm_jax.load(folder)
+    assert encode_lib.warm_up([texts], model) > 0
+    before = encode_lib.compiled_programs()
+    emb = minilm_jax.encode(texts, model)
+    assert encode_lib.compiled_programs() == before
+    batch = minilm_jax.tokenize(model, texts[:4], length=64)
+    embed = jax.jit(minilm_jax.embed, static_argnames=("config", "head", "normalize", "dtype"))
+    out = embed(model.params, batch, model.config, head=model.sentence.head)
+    np.testing.assert_allclose(np.asarray(out), minilm_jax.encode(texts[:4], model, prompt=""), atol=1e-6)
+    assert emb.shape == (len(texts), 32)
