@@ -100,7 +100,8 @@ def packed_sentence_embeddings(params, packed: dict, n_sentences: int, *, config
                                head: Head = _DEFAULT_HEAD, dtype=jnp.float32, normalize: bool | None = None,
                                dropout_rng: jax.Array | None = None, prompt_lengths: tuple[int, ...] = ()):
     """Embeddings [n_sentences, D] of sentences packed several to a row (see data.pack_sentences):
-    `packed` holds ids, positions, segments and slots, all [R, P].
+    `packed` holds ids, positions, segments and slots, all [R, P]. A sentence with no token in
+    `packed` (one of another micro-batch, or padding) gets a zero row, whatever the head.
 
     prompt_lengths (a prompt left out of pooling): per column of sentences (slot // sentences per
     column), the number of leading tokens Pooling does not see; () when every token is pooled."""
@@ -111,10 +112,15 @@ def packed_sentence_embeddings(params, packed: dict, n_sentences: int, *, config
         positions_BxL=packed["positions"], segments_BxL=packed["segments"],
         rngs=None if deterministic else {"dropout": dropout_rng})
     slots = packed["slots"]
+    present_S = None
+    if head.dense:  # a Dense maps a zero row to activation(bias): keep absent sentences' rows zero
+        present_S = jax.ops.segment_sum(jnp.ones(slots.size, jnp.float32), slots.reshape(-1),
+                                        num_segments=n_sentences + 1)[:n_sentences] > 0
     if prompt_lengths and any(prompt_lengths):
         per_column = n_sentences // len(prompt_lengths)
         lengths_C = jnp.asarray(prompt_lengths, jnp.int32)
         column = jnp.minimum(slots // per_column, len(prompt_lengths) - 1)
         slots = jnp.where(packed["positions"] >= lengths_C[column], slots, n_sentences)  # the prompt: as padding
     pooled = segment_pool(hidden_RxPxD, slots, packed["positions"], n_sentences, head.pooling)
-    return apply_head(params, pooled, head, normalize)
+    out = apply_head(params, pooled, head, normalize)
+    return out if present_S is None else jnp.where(present_S[:, None], out, 0.0)

@@ -117,8 +117,9 @@ def segment_pool(hidden_BxLxD, slots_BxL, positions_BxL, n_sentences: int, modes
             out.append(segment_sum(h_TxD) / jnp.sqrt(jnp.maximum(counts_Sx1, MASK_SUM_MIN)))
         elif mode == "cls":
             out.append(pick(jax.ops.segment_min(positions, slots, num_segments=S + 1)[:S]))
-        elif mode == "max":
-            out.append(jax.ops.segment_max(h_TxD, slots, num_segments=S + 1)[:S])
+        elif mode == "max":  # a sentence with no token here (another micro-batch's): zeros, as the other modes
+            pooled_Sx1 = segment_sum(jnp.ones_like(slots, jnp.float32))[:, None] > 0
+            out.append(jnp.where(pooled_Sx1, jax.ops.segment_max(h_TxD, slots, num_segments=S + 1)[:S], 0.0))
         elif mode == "weightedmean":
             w_Tx1 = (positions + 1).astype(jnp.float32)[:, None]
             out.append(segment_sum(h_TxD * w_Tx1) / jnp.maximum(segment_sum(w_Tx1), MASK_SUM_MIN))

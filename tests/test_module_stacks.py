@@ -425,3 +425,42 @@ def test_warm_up_compiles_what_encode_runs_and_embed_takes_the_head(built, texts
     out = embed(model.params, batch, model.config, head=model.sentence.head)
     np.testing.assert_allclose(np.asarray(out), minilm_jax.encode(texts[:4], model, prompt=""), atol=1e-6)
     assert emb.shape == (len(texts), 32)
+
+
+def test_gradcache_micro_batches_equal_the_direct_step_with_a_head(built, data_dir):
+    """The general program's GradCache loop (several micro-batches; the embeddings' width is the
+    head's, here two Dense layers after three pooling modes with the prompt left out) gives the
+    fast program's loss and gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    import minilm_jax
+    from minilm_jax import data as data_lib, losses, train_step
+    from minilm_jax.encode import prompt_length
+    from minilm_jax.pairs import load_pairs
+
+    case = CASES[7]
+    _, folder = built(case)
+    model = minilm_jax.load(folder)
+    pairs = load_pairs(str(data_dir / "stsb_dev.tsv"), score_scale=5.0).select(np.arange(N_PAIRS))
+    tokens = data_lib.tokenize_pairs(pairs, model.tokenizer, (PROMPTS["query"], ""))
+    skip = (prompt_length(model, PROMPTS["query"]), 0)
+    params = jax.tree.map(jnp.asarray, model.params)
+    results = {}
+    for name, loss, mini in (("direct", losses.MultipleNegativesRankingLoss(), None),
+                             ("cached", losses.CachedMultipleNegativesRankingLoss(mini_batch_size=2), 2)):
+        shapes = data_lib.step_shapes(N_PAIRS, 2, model.sentence.max_seq_length, mini_batch_size=mini)
+        spec = train_step.StepSpec(model.config, loss, shapes, dropout=False, head=model.sentence.head,
+                                   prompt_lengths=skip)
+        dispatch = next(data_lib.dispatch_groups(tokens, data_lib.BatchLayout(N_PAIRS), shapes, 0, 0, 1))
+        batch = jax.tree.map(lambda x: jnp.asarray(x[0, 0]), dispatch.arrays)
+        if name == "cached":
+            assert dispatch.program == "general" and int(batch["general"]["micro_batches"]) > 1
+        step = train_step.fast_loss_and_grads if dispatch.program == "fast" else train_step.general_loss_and_grads
+        value, grads = jax.jit(lambda p: step(p, batch, None, spec=spec, axis_name=None))(params)
+        results[name] = (float(value), jax.device_get(grads))
+    (v1, g1), (v2, g2) = results["direct"], results["cached"]
+    assert abs(v1 - v2) <= 1e-6 * abs(v1)
+    for key in ("dense_0", "dense_1", "layer_0"):  # each module's tensors together (key biases are ~0 noise)
+        flat1, flat2 = (np.concatenate([np.ravel(x) for x in jax.tree.leaves(g[key])]) for g in (g1, g2))
+        assert _relative(flat2, flat1) <= 1e-5, key
