@@ -131,6 +131,8 @@ class TrainConfig:
         skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
                 "evaluator",
                 "eval_file"}
+        if not self.prompt:  # so that a run written before --prompt existed still resumes
+            skip.add("prompt")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
