@@ -55,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--positive-threshold", type=float, default=None,
                    help="retrieval from --pairs and paraphrase-mining: a pair with score >= this is a positive "
                         "(default: 1)")
-    p.add_argument("--similarity", nargs="+", default=["cosine"], choices=SIMILARITY_FNS,
-                   help="similarity functions to report (default: cosine)")
+    p.add_argument("--similarity", nargs="+", default=None, choices=SIMILARITY_FNS,
+                   help="similarity functions to report (default: the model's similarity_fn_name, cosine for "
+                   "all-MiniLM-L6-v2; paraphrase-mining: cosine)")
     p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype; default: %(default)s")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -130,6 +131,9 @@ def main(argv=None) -> None:
     evaluator = build_evaluator(args.evaluator, pairs=pairs, retrieval=retrieval, similarity_fns=args.similarity,
                                 positive_threshold=threshold)
     model = minilm_jax.load(args.model)
+    if args.similarity is None and model.sentence.similarity_fn_name != "cosine":  # the model's, as ST's default
+        evaluator = build_evaluator(args.evaluator, pairs=pairs, retrieval=retrieval, positive_threshold=threshold,
+                                    model_similarity=model.sentence.similarity_fn_name)
     start = time.perf_counter()
     metrics = evaluator.evaluate(model, args.batch_size, args.dtype)
     seconds = time.perf_counter() - start

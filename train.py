@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--negative-column", action="append", default=[], metavar="NAME",
                    help="a hard-negative text column of the training data (repeatable), for the "
                    "MultipleNegatives losses: rows are (anchor, positive, negatives...)")
+    g.add_argument("--prompt", action="append", default=[], metavar="[COLUMN=]TEXT",
+                   help="put TEXT before every text of COLUMN (repeatable), or of every column without COLUMN=, as "
+                   "sentence-transformers' `prompts` training argument; @NAME is the model's prompt NAME "
+                   "(e.g. --prompt sentence1=@query)")
     g.add_argument("--positives-only", action="store_true",
                    help="train on the rows labelled 1 of a 0/1 pair-class file (duplicates as positive pairs, "
                    "for the in-batch-negative losses)")

@@ -33,5 +33,8 @@ def run(argv, description: str, expected_kind: str, save) -> None:
     start = time.perf_counter()
     model = checkpoint_io.load_model(args.src)
     save(model, args.out, overwrite=args.overwrite)
-    n = len(checkpoint_io.convert.parameter_table(model.config))
-    print(f"wrote {args.out}: {n} tensors, {time.perf_counter() - start:.1f} s")
+    convert = checkpoint_io.convert
+    n = len(convert.parameter_table(model.config)) + sum(len(convert.dense_table(i, dense))
+                                                         for i, dense in enumerate(model.sentence.dense))
+    stack = f" ({model.sentence.head.describe()})" if model.sentence.head != type(model.sentence.head)() else ""
+    print(f"wrote {args.out}: {n} tensors{stack}, {time.perf_counter() - start:.1f} s")

@@ -1,7 +1,10 @@
 """Reading and writing model folders: sentence-transformers' layout and ours.
 
 A sentence-transformers folder: `config.json`, `model.safetensors` (or `pytorch_model.bin`),
-tokenizer files, `sentence_bert_config.json`, `modules.json`, `1_Pooling/`, `2_Normalize/`.
+tokenizer files, `sentence_bert_config.json`, `config_sentence_transformers.json` (prompts, the
+similarity function) and `modules.json`, the module stack: the Transformer, then `1_Pooling/`,
+any `N_Dense/` (config.json and weights), and `N_Normalize/` when present. A plain transformers
+BERT folder (no modules.json) gets sentence-transformers' own default: mean pooling, no Normalize.
 A minilm-jax folder: `minilm_jax.json` (marks it and holds the sentence settings), `config.json`,
 `params.safetensors` with our parameter paths, and the same tokenizer files.
 
@@ -31,14 +34,15 @@ from typing import Any
 import numpy as np
 
 from minilm_jax import convert
-from minilm_jax.config import BertConfig, SentenceConfig
+from minilm_jax.config import DENSE_ACTIVATIONS, POOLING_MODES, BertConfig, DenseConfig, SentenceConfig
+from minilm_jax.convert import DENSE_PREFIX, dense_key, encoder_params
 from minilm_jax.errors import UserError
 from minilm_jax.tokenizer import Tokenizer
 
 FORMAT_FILE = "minilm_jax.json"
 PARAMS_FILE = "params.safetensors"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the module stack (pooling modes, Dense, prompts); 1 is read too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,14 +51,15 @@ class Model:
 
     config: BertConfig
     sentence: SentenceConfig
-    params: Any  # the BertEncoder's Flax params (nested dict)
+    params: Any  # the BertEncoder's Flax params (nested dict), and dense_<i> for each Dense module
     pooler: dict  # BertModel's pooler, unused for embeddings, carried through to exports
     tokenizer: Tokenizer
     tokenizer_files: dict  # file name -> bytes
     path: str = ""
 
     def weights(self) -> dict:
-        return {"encoder": self.params, "pooler": self.pooler}
+        return {"encoder": encoder_params(self.params), "pooler": self.pooler,
+                **{k: v for k, v in self.params.items() if k.startswith(DENSE_PREFIX)}}
 
     def replace(self, **changes) -> "Model":
         return dataclasses.replace(self, **changes)
@@ -102,20 +107,32 @@ def load_model(path: str) -> Model:
     config = BertConfig.from_dict(_read_json(folder / "config.json"), source=str(folder / "config.json"))
     if kind == "minilm-jax":
         meta = _read_json(folder / FORMAT_FILE)
-        sentence = SentenceConfig(**{k: meta[k] for k in ("max_seq_length", "do_lower_case", "pooling", "normalize")
-                                     if k in meta})
+        fields = {f.name for f in dataclasses.fields(SentenceConfig)}
+        try:
+            sentence = SentenceConfig(**{k: v for k, v in meta.items() if k in fields})
+        except TypeError as e:
+            raise UserError(f"{folder / FORMAT_FILE}: {e}; re-export the model") from None
         flat = read_safetensors(folder / PARAMS_FILE)
         check_finite(flat, folder / PARAMS_FILE)
         _check_layer_count(flat, r"^encoder/layer_(\d+)/", config, folder)
         weights = convert.unflatten(flat)
-        # Validate names and shapes through the table, in our direction.
+        # Validate names and shapes through the tables, in our direction.
         convert.to_torch_state(weights, config)
+        dense_params = {}
+        for i, dense in enumerate(sentence.dense):
+            dense_params[dense_key(i)] = weights.pop(dense_key(i), {})
+            convert.dense_to_torch(dense_params[dense_key(i)], i, dense)  # validates names and shapes
+        extra = sorted(set(weights) - {"encoder", "pooler"})
+        if extra:
+            raise UserError(f"{folder / PARAMS_FILE}: unexpected tensors under {', '.join(extra)} ({FORMAT_FILE} "
+                            f"lists {len(sentence.dense)} Dense module(s)); re-export the model")
     else:
-        sentence = _read_sentence_config(folder, config)
+        sentence, dense_params = _read_module_stack(folder, config)
         state = read_torch_weights(folder)
         check_finite(state, torch_weights_file(folder))
         _check_layer_count(state, r"(?:^|\.)encoder\.layer\.(\d+)\.", config, folder)
         weights = convert.from_torch_state(state, config, source=str(folder))
+    sentence.head.check(config.hidden_size, str(folder / "modules.json"))
     if sentence.max_seq_length > config.max_position_embeddings:
         raise UserError(f"{folder}: max_seq_length {sentence.max_seq_length} exceeds max_position_embeddings "
                         f"{config.max_position_embeddings}; lower max_seq_length in sentence_bert_config.json")
@@ -126,7 +143,7 @@ def load_model(path: str) -> Model:
     if vocab_used > config.vocab_size:
         raise UserError(f"{folder}: the tokenizer has {vocab_used} tokens but config.json's vocab_size is "
                         f"{config.vocab_size}; the tokenizer and the weights belong to different models")
-    return Model(config, sentence, weights["encoder"], weights["pooler"], tokenizer,
+    return Model(config, sentence, {**weights["encoder"], **dense_params}, weights["pooler"], tokenizer,
                  _read_tokenizer_files(folder), str(folder))
 
 
@@ -156,29 +173,121 @@ def _check_layer_count(names, pattern: str, config: BertConfig, folder: Path) ->
                         f"{len(per_layer)} layers; fix config.json or use the weights it belongs to")
 
 
-def _read_sentence_config(folder: Path, config: BertConfig) -> SentenceConfig:
+# The module types of a sentence-transformers stack minilm-jax computes, by class name (modules.json
+# writes a full path: sentence_transformers.models.Pooling, ...sentence_transformer.modules.pooling.Pooling).
+_MODULE_TYPES = ("Transformer", "Pooling", "Dense", "Normalize")
+_LEGACY_POOLING_KEYS = {"pooling_mode_cls_token": "cls", "pooling_mode_max_tokens": "max",
+                        "pooling_mode_mean_tokens": "mean", "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+                        "pooling_mode_weightedmean_tokens": "weightedmean", "pooling_mode_lasttoken": "lasttoken"}
+_STACK_HELP = ("minilm-jax runs a BERT Transformer, then one Pooling, then any Dense modules, then an optional "
+               "Normalize")
+
+
+def _read_module_stack(folder: Path, config: BertConfig) -> tuple[SentenceConfig, dict]:
+    """(the SentenceConfig, the Dense modules' parameters) of a sentence-transformers folder."""
     st_config = _read_json(folder / "sentence_bert_config.json") if (folder / "sentence_bert_config.json").exists() else {}
-    max_len = st_config.get("max_seq_length") or min(512, config.max_position_embeddings)
-    normalize = True
+    max_len = st_config.get("max_seq_length") or _tokenizer_max_length(folder, config)
+    st_model = (_read_json(folder / "config_sentence_transformers.json")
+                if (folder / "config_sentence_transformers.json").exists() else {})
+    prompts = st_model.get("prompts") or {}
+    if not isinstance(prompts, dict) or not all(isinstance(v, str) for v in prompts.values()):
+        raise UserError(f"{folder / 'config_sentence_transformers.json'}: prompts must be an object of name: text")
+    common = dict(max_seq_length=int(max_len), do_lower_case=bool(st_config.get("do_lower_case", False)),
+                  prompts=tuple(prompts.items()), default_prompt_name=st_model.get("default_prompt_name"),
+                  similarity_fn_name=st_model.get("similarity_fn_name") or "cosine")
     modules_path = folder / "modules.json"
-    if modules_path.exists():
+    if not modules_path.exists():  # a plain transformers folder: sentence-transformers' default stack
+        return SentenceConfig(pooling=("mean",), normalize=False, **common), {}
+    try:
         with open(modules_path, encoding="utf-8") as f:
             modules = json.load(f)
-        types = [m.get("type", "") for m in modules]
-        normalize = any(t.endswith("Normalize") for t in types)
-        for m in modules:
-            if m.get("type", "").endswith("Pooling"):
-                pooling = _read_json(folder / m.get("path", "") / "config.json")
-                modes = [k for k, v in pooling.items() if k.startswith("pooling_mode_") and v is True]
-                if pooling.get("pooling_mode") not in (None, "mean", ["mean"]):
-                    modes = [pooling["pooling_mode"]]
-                if modes and modes != ["pooling_mode_mean_tokens"]:
-                    raise UserError(f"{folder}: pooling {modes} is not supported; minilm-jax implements mean pooling")
-            elif not any(m.get("type", "").endswith(t) for t in ("Transformer", "Pooling", "Normalize")):
-                raise UserError(f"{folder}: module {m.get('type')} is not supported; minilm-jax runs "
-                                "Transformer + mean Pooling (+ Normalize) models")
-    return SentenceConfig(max_seq_length=int(max_len), do_lower_case=bool(st_config.get("do_lower_case", False)),
-                          normalize=normalize)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{modules_path} is not valid JSON ({e}); fix or replace the file") from None
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise UserError(f"{modules_path} should hold a list of modules")
+    kinds = []
+    for m in modules:  # in the file's order, as sentence-transformers runs them
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in _MODULE_TYPES:
+            raise UserError(f"{modules_path}: module {m.get('type')!r} is not supported; {_STACK_HELP} "
+                            f"(module types {', '.join(_MODULE_TYPES)})")
+        kinds.append((kind, m))
+    order = [k for k, _ in kinds]
+    n_dense = order.count("Dense")
+    expected = ["Transformer", "Pooling"] + ["Dense"] * n_dense + (["Normalize"] if order[-1:] == ["Normalize"] else [])
+    if order != expected:
+        raise UserError(f"{modules_path}: the modules {' -> '.join(order)} are not supported; {_STACK_HELP}")
+    if kinds[0][1].get("path", "") not in ("", "."):
+        raise UserError(f"{modules_path}: the Transformer module is in the subfolder {kinds[0][1].get('path')!r}; "
+                        "minilm-jax reads it from the model folder itself: move its files up, or re-save the model "
+                        "with sentence-transformers 2.x or later")
+    pooling, include_prompt = _read_pooling(folder / kinds[1][1].get("path", ""), config)
+    dense_paths = [folder / m.get("path", "") for _, m in kinds[2:2 + n_dense]]
+    sentence = SentenceConfig(pooling=pooling, include_prompt=include_prompt,
+                              dense=tuple(_read_dense_config(path) for path in dense_paths),
+                              normalize=order[-1] == "Normalize", **common)
+    sentence.head.check(config.hidden_size, str(modules_path))  # before any weights: the widths
+    return sentence, {dense_key(i): _read_dense_weights(path, i, dense)
+                      for i, (path, dense) in enumerate(zip(dense_paths, sentence.dense))}
+
+
+def _tokenizer_max_length(folder: Path, config: BertConfig) -> int:
+    """sentence-transformers 6.x's max_seq_length when sentence_bert_config.json has none: the tokenizer's
+    model_max_length (transformers' "unset" is a huge number), at most max_position_embeddings."""
+    raw = _read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").exists() else {}
+    length = raw.get("model_max_length")
+    if isinstance(length, (int, float)) and not isinstance(length, bool) and 0 < length:
+        return int(min(length, config.max_position_embeddings))
+    return min(512, config.max_position_embeddings)
+
+
+def _read_pooling(path: Path, config: BertConfig) -> tuple[tuple[str, ...], bool]:
+    """Pooling's modes (in its order; the legacy pooling_mode_* flags in theirs) and include_prompt."""
+    raw = _read_json(path / "config.json")
+    width = raw.get("embedding_dimension", raw.get("word_embedding_dimension", config.hidden_size))
+    if width != config.hidden_size:
+        raise UserError(f"{path / 'config.json'}: the Pooling dimension {width} is not the Transformer's hidden_size "
+                        f"{config.hidden_size}; the Pooling config belongs to another model")
+    mode = raw.get("pooling_mode")
+    if mode is None:
+        mode = tuple(name for key, name in _LEGACY_POOLING_KEYS.items() if raw.get(key) is True) or ("mean",)
+    modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    for m in modes:
+        if m not in POOLING_MODES:
+            raise UserError(f"{path / 'config.json'}: pooling mode {m!r} is not a sentence-transformers pooling "
+                            f"mode; use {', '.join(POOLING_MODES)}")
+    return modes, bool(raw.get("include_prompt", True))
+
+
+_TORCH_ACTIVATION_PREFIXES = ("torch.nn.modules.activation.", "torch.nn.modules.linear.", "torch.nn.")
+
+
+def _read_dense_config(path: Path) -> DenseConfig:
+    raw = _read_json(path / "config.json")
+    source = path / "config.json"
+    for key in ("module_input_name", "module_output_name"):
+        if raw.get(key, "sentence_embedding") not in ("sentence_embedding", None):
+            raise UserError(f"{source}: Dense {key} {raw[key]!r} is not supported; minilm-jax's Dense modules map "
+                            "the sentence embedding")
+    if raw.get("use_residual"):
+        raise UserError(f"{source}: Dense use_residual is not supported; minilm-jax runs Dense modules without "
+                        "a residual connection")
+    activation = raw.get("activation_function", "torch.nn.modules.activation.Tanh")  # ST's default: Tanh
+    name = next((activation[len(p):] for p in _TORCH_ACTIVATION_PREFIXES
+                 if isinstance(activation, str) and activation.startswith(p)), None)
+    if name not in DENSE_ACTIVATIONS:
+        raise UserError(f"{source}: Dense activation {activation!r} would need custom code; minilm-jax computes "
+                        f"torch.nn's {', '.join(DENSE_ACTIVATIONS)}")
+    try:
+        return DenseConfig(int(raw["in_features"]), int(raw["out_features"]), bool(raw.get("bias", True)), name)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: Dense needs integer in_features and out_features ({e})") from None
+
+
+def _read_dense_weights(path: Path, index: int, dense: DenseConfig) -> dict:
+    state = read_torch_weights(path)
+    check_finite(state, torch_weights_file(path))
+    return convert.dense_from_torch(state, index, dense, str(torch_weights_file(path)))[dense_key(index)]
 
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
@@ -487,44 +596,94 @@ def _numpy_tree(tree):
     return jax.tree.map(lambda x: np.asarray(x), tree)
 
 
+def _check_dense_weights(model: Model) -> None:
+    for i, dense in enumerate(model.sentence.dense):
+        convert.dense_to_torch(_numpy_tree(model.params.get(dense_key(i), {})), i, dense)
+    extra = sorted(k for k in model.params if k.startswith(DENSE_PREFIX)
+                   and k not in {dense_key(i) for i in range(len(model.sentence.dense))})
+    if extra:
+        raise UserError(f"minilm-jax weights: Dense parameters {', '.join(extra)} but the model has "
+                        f"{len(model.sentence.dense)} Dense module(s)")
+
+
 def save_minilm_jax(model: Model, out: str, overwrite: bool = False) -> None:
     weights = _numpy_tree(model.weights())
     convert.to_torch_state(weights, model.config)  # validates before anything is written
+    _check_dense_weights(model)
     with atomic_folder(out, overwrite) as tmp:
         _write_json(tmp / FORMAT_FILE, {"format": "minilm-jax", "version": _FORMAT_VERSION,
-                                        **dataclasses.asdict(model.sentence)})
+                                        **model.sentence.to_dict()})
         _write_json(tmp / "config.json", model.config.to_dict())
         _save_safetensors({k: np.ascontiguousarray(v) for k, v in convert.flatten(weights).items()},
                           tmp / PARAMS_FILE, metadata={"format": "minilm-jax"})
         _write_tokenizer_files(tmp, model)
 
 
+# The order sentence-transformers 2.x wrote the flags in (minilm-jax's exports always have).
+_LEGACY_KEYS_WRITTEN = ("pooling_mode_cls_token", "pooling_mode_mean_tokens", "pooling_mode_max_tokens",
+                        "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_weightedmean_tokens", "pooling_mode_lasttoken")
+
+
+# torch.nn's module path of each Dense activation, as sentence-transformers writes it (fullname()).
+def _torch_activation(name: str) -> str:
+    return f"torch.nn.modules.{'linear' if name == 'Identity' else 'activation'}.{name}"
+
+
+def dense_config(dense: DenseConfig) -> dict:
+    """N_Dense/config.json."""
+    return {"in_features": dense.in_features, "out_features": dense.out_features, "bias": dense.bias,
+            "activation_function": _torch_activation(dense.activation)}
+
+
+def pooling_config(sentence: SentenceConfig, hidden_size: int) -> dict:
+    """1_Pooling/config.json. The legacy pooling_mode_* flags, which every sentence-transformers
+    version reads, when they can say it (one mode, or several in their order); else 6.x's
+    `pooling_mode` list."""
+    legacy_order = [m for m in POOLING_MODES if m in sentence.pooling]
+    if list(sentence.pooling) == legacy_order:
+        return {"word_embedding_dimension": hidden_size,
+                **{key: _LEGACY_POOLING_KEYS[key] in sentence.pooling for key in _LEGACY_KEYS_WRITTEN},
+                "include_prompt": sentence.include_prompt}
+    return {"embedding_dimension": hidden_size, "pooling_mode": list(sentence.pooling),
+            "include_prompt": sentence.include_prompt}
+
+
+def module_stack(sentence: SentenceConfig) -> list[dict]:
+    """modules.json: the Transformer, Pooling, each Dense, Normalize when present."""
+    names = ["Transformer", "Pooling", *["Dense"] * len(sentence.dense), *(["Normalize"] if sentence.normalize else [])]
+    return [{"idx": i, "name": str(i), "path": "" if i == 0 else f"{i}_{kind}",
+             "type": f"sentence_transformers.models.{kind}"} for i, kind in enumerate(names)]
+
+
 def save_sentence_transformers(model: Model, out: str, overwrite: bool = False, extra_files: dict | None = None) -> None:
-    """The classic layout that sentence-transformers 2.x to 6.x load. `extra_files`: name -> text (a model card)."""
+    """The classic layout that sentence-transformers 2.x to 6.x load, with the model's module stack.
+    `extra_files`: name -> text (a model card)."""
     from minilm_jax import __version__
 
     state = convert.to_torch_state(_numpy_tree(model.weights()), model.config)
+    _check_dense_weights(model)
+    sentence = model.sentence
     with atomic_folder(out, overwrite) as tmp:
         _save_safetensors({k: np.ascontiguousarray(v) for k, v in state.items()}, tmp / "model.safetensors",
                           metadata={"format": "pt"})
         _write_json(tmp / "config.json", model.config.to_dict())
         _write_tokenizer_files(tmp, model)
         _write_json(tmp / "sentence_bert_config.json",
-                    {"max_seq_length": model.sentence.max_seq_length, "do_lower_case": model.sentence.do_lower_case})
+                    {"max_seq_length": sentence.max_seq_length, "do_lower_case": sentence.do_lower_case})
         _write_json(tmp / "config_sentence_transformers.json", {
-            "__version__": {"minilm_jax": __version__},
-            "prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
-        modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-                   {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-        if model.sentence.normalize:
-            modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-            (tmp / "2_Normalize").mkdir()
+            "__version__": {"minilm_jax": __version__}, "prompts": sentence.prompt_dict,
+            "default_prompt_name": sentence.default_prompt_name, "similarity_fn_name": sentence.similarity_fn_name})
+        modules = module_stack(sentence)
         with open(tmp / "modules.json", "w", encoding="utf-8") as f:
             json.dump(modules, f, indent=2)
-        _write_json(tmp / "1_Pooling" / "config.json", {
-            "word_embedding_dimension": model.config.hidden_size,
-            "pooling_mode_cls_token": False, "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-            "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
-            "pooling_mode_lasttoken": False, "include_prompt": True})
+        _write_json(tmp / modules[1]["path"] / "config.json", pooling_config(sentence, model.config.hidden_size))
+        for i, dense in enumerate(sentence.dense):
+            folder = tmp / modules[2 + i]["path"]
+            _write_json(folder / "config.json", dense_config(dense))
+            tensors = convert.dense_to_torch(_numpy_tree(model.params[dense_key(i)]), i, dense)
+            _save_safetensors({k: np.ascontiguousarray(v) for k, v in tensors.items()}, folder / "model.safetensors",
+                              metadata={"format": "pt"})
+        if sentence.normalize:
+            (tmp / modules[-1]["path"]).mkdir()
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text, encoding="utf-8")

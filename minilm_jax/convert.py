@@ -7,7 +7,8 @@ name is an error, and so is a table row with no tensor or a tensor of the wrong 
 
 Our weights are a nested dict {"encoder": <Flax params of BertEncoder>, "pooler": {...}}. The
 pooler is not used for sentence embeddings; it is carried through so that an exported model
-holds every tensor of the original BertModel.
+holds every tensor of the original BertModel. A sentence-transformers Dense module has its own
+small table (`dense_table`): our `dense_<i>/kernel|bias` and its file's `linear.weight|bias`.
 
 This module knows names and arrays only; reading and writing files is checkpoint_io's job.
 """
@@ -19,10 +20,23 @@ from typing import Iterable, Literal
 
 import numpy as np
 
-from minilm_jax.config import BertConfig
+from minilm_jax.config import BertConfig, DenseConfig
 from minilm_jax.errors import UserError
 
 Transform = Literal["identity", "transpose"]
+
+# Our parameters of sentence-transformers' Dense modules: dense_0, dense_1, ... beside the encoder's.
+DENSE_PREFIX = "dense_"
+
+
+def dense_key(i: int) -> str:
+    return f"{DENSE_PREFIX}{i}"
+
+
+def encoder_params(params: dict) -> dict:
+    """The BertEncoder's part of a model's parameters (without the Dense modules')."""
+    return {k: v for k, v in params.items() if not k.startswith(DENSE_PREFIX)}
+
 
 # A registered buffer of BertModel, not a parameter: dropped on import, rebuilt on export.
 POSITION_IDS = "embeddings.position_ids"
@@ -76,6 +90,28 @@ def parameter_table(config: BertConfig) -> list[Row]:
     return rows
 
 
+def dense_table(index: int, dense: DenseConfig) -> list[Row]:
+    """The tensors of sentence-transformers' Dense module number `index` (its nn.Linear `linear`),
+    paired with `dense_<index>` of our parameters."""
+    rows = [Row(f"dense_{index}/kernel", "linear.weight", "transpose", (dense.in_features, dense.out_features))]
+    if dense.bias:
+        rows.append(Row(f"dense_{index}/bias", "linear.bias", "identity", (dense.out_features,)))
+    return rows
+
+
+def dense_from_torch(state: dict[str, np.ndarray], index: int, dense: DenseConfig, source: str) -> dict:
+    """A Dense module's state dict -> our {"dense_<index>": {"kernel", "bias"}} (no bias when it has none)."""
+    table = dense_table(index, dense)
+    _check_names([r.theirs for r in table], state, source)
+    return unflatten(_from_rows(state, table, source))
+
+
+def dense_to_torch(params: dict, index: int, dense: DenseConfig) -> dict[str, np.ndarray]:
+    """Our `dense_<index>` {"kernel", "bias"} -> the Dense module's state dict."""
+    flat = {f"dense_{index}/{k}": v for k, v in params.items()}
+    return _to_rows(flat, dense_table(index, dense))
+
+
 def _apply(transform: Transform, array: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(array.T) if transform == "transpose" else array
 
@@ -106,6 +142,10 @@ def from_torch_state(state: dict[str, np.ndarray], config: BertConfig, source: s
     state = strip_known_prefix(dict(state))
     table = parameter_table(config)
     _check_names([r.theirs for r in table] + [POSITION_IDS], state, source, allow_missing=(POSITION_IDS,))
+    return unflatten(_from_rows(state, table, source))
+
+
+def _from_rows(state: dict[str, np.ndarray], table: list[Row], source: str) -> dict[str, np.ndarray]:
     bad_shapes = []
     flat = {}
     for row in table:
@@ -120,13 +160,18 @@ def from_torch_state(state: dict[str, np.ndarray], config: BertConfig, source: s
         flat[row.ours] = _apply(row.transform, array)
     if bad_shapes:
         raise UserError(f"{source}: {'; '.join(bad_shapes)}")
-    return unflatten(flat)
+    return flat
 
 
 def to_torch_state(weights: dict, config: BertConfig) -> dict[str, np.ndarray]:
     """Our nested weights dict -> PyTorch BertModel names (plus the position_ids buffer)."""
-    flat = flatten(weights)
-    table = parameter_table(config)
+    flat = flatten({k: weights[k] for k in ("encoder", "pooler") if k in weights})
+    state = _to_rows(flat, parameter_table(config))
+    state[POSITION_IDS] = np.arange(config.max_position_embeddings, dtype=np.int64)[None, :]
+    return state
+
+
+def _to_rows(flat: dict[str, np.ndarray], table: list[Row]) -> dict[str, np.ndarray]:
     _check_names([r.ours for r in table], flat, "minilm-jax weights")
     state = {}
     for row in table:
@@ -135,7 +180,6 @@ def to_torch_state(weights: dict, config: BertConfig) -> dict[str, np.ndarray]:
             raise UserError(f"minilm-jax weights: {row.ours} has shape {list(array.shape)}, "
                             f"config.json needs {list(row.shape)}")
         state[row.theirs] = _apply(row.transform, array)
-    state[POSITION_IDS] = np.arange(config.max_position_embeddings, dtype=np.int64)[None, :]
     return state
 
 

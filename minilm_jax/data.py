@@ -50,8 +50,13 @@ class TokenizedPairs:
         return self.columns[1]
 
 
-def tokenize_pairs(pairs: Pairs, tokenizer: Tokenizer) -> TokenizedPairs:
-    return TokenizedPairs(tuple(tokenizer.token_ids(column) for column in pairs.columns()),
+def tokenize_pairs(pairs: Pairs, tokenizer: Tokenizer, prompts: Sequence[str] = ()) -> TokenizedPairs:
+    """`prompts`: a text put before every text of each column (sentence-transformers' `prompts`
+    training argument), in column order; () or "" for none."""
+    columns = pairs.columns()
+    prompts = tuple(prompts) + ("",) * (len(columns) - len(prompts))
+    return TokenizedPairs(tuple(tokenizer.token_ids([prompt + t for t in column] if prompt else column)
+                                for prompt, column in zip(prompts, columns)),
                           pairs.scores.astype(np.float32))
 
 

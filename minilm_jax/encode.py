@@ -21,7 +21,7 @@ import numpy as np
 
 from minilm_jax import checkpoint_io
 from minilm_jax.checkpoint_io import Model
-from minilm_jax.config import BertConfig
+from minilm_jax.config import SIMILARITY_FNS, BertConfig, Head
 from minilm_jax.embedding import compute_dtype, sentence_embeddings
 from minilm_jax.errors import UserError
 from minilm_jax.tokenizer import bucket_length, check_sentences, pad_batch
@@ -89,14 +89,52 @@ def program_bound(model: Model | None = None, batch_size: int = 32, devices=None
 _EMBED_FNS: dict = {}
 
 
-def _embed_fn(config: BertConfig, dtype_name: str, normalize: bool):
-    """The jitted embedding program family of (config, dtype, normalize); its shapes and devices come
-    from the arguments (one executable per distinct padded shape and device set)."""
-    key = (config, dtype_name, bool(normalize))
+def _embed_fn(config: BertConfig, head: Head, dtype_name: str, pool_mask: bool = False):
+    """The jitted embedding program family of (config, head, dtype); its shapes and devices come from
+    the arguments (one executable per distinct padded shape and device set). pool_mask: it takes a
+    fourth argument, the tokens Pooling sees (a prompt left out of pooling)."""
+    key = (config, head, dtype_name, pool_mask)
     if key not in _EMBED_FNS:
-        _EMBED_FNS[key] = jax.jit(functools.partial(sentence_embeddings, config=config,
-                                                    dtype=compute_dtype(dtype_name), normalize=bool(normalize)))
+        embed = functools.partial(sentence_embeddings, config=config, head=head, dtype=compute_dtype(dtype_name))
+        if pool_mask:
+            _EMBED_FNS[key] = jax.jit(lambda params, ids, mask, pooled: embed(params, ids, mask, pool_mask_BxL=pooled))
+        else:
+            _EMBED_FNS[key] = jax.jit(embed)
     return _EMBED_FNS[key]
+
+
+def model_head(model: Model, normalize: bool | None = None) -> Head:
+    """The model's head, with Normalize added (True) or taken away (False) when `normalize` says so."""
+    head = model.sentence.head
+    return head if normalize is None else dataclasses.replace(head, normalize=bool(normalize))
+
+
+def resolve_prompt(model: Model, prompt_name: str | None = None, prompt: str | None = None) -> str:
+    """The prompt encode puts before every sentence, as sentence-transformers picks it: `prompt`,
+    else the prompt named `prompt_name`, else the model's default_prompt_name's, else none ("")."""
+    if prompt is not None:
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt must be a string, got {type(prompt).__name__}")
+        return prompt
+    prompts = model.sentence.prompt_dict
+    name = prompt_name if prompt_name is not None else model.sentence.default_prompt_name
+    if name is None:
+        return ""
+    if name not in prompts:
+        raise UserError(f"prompt_name {name!r} is not one of the model's prompts "
+                        f"({', '.join(map(repr, prompts)) or 'it has none'}); pass prompt='...' or one of those names")
+    return prompts[name]
+
+
+def prompt_length(model: Model, prompt: str) -> int:
+    """The tokens of `prompt` at the start of a prompted sentence: [CLS] and the prompt's own, as
+    sentence-transformers counts them (its trailing [SEP] left out)."""
+    ids = model.tokenizer.token_ids([prompt])[0]
+    return len(ids) - 1 if len(ids) and int(ids[-1]) in _special_ids(model) else len(ids)
+
+
+def _special_ids(model: Model) -> set:
+    return {i for i, token in model.tokenizer.backend.get_added_tokens_decoder().items() if token.special}
 
 
 def compiled_programs() -> int:
@@ -219,12 +257,12 @@ def _placed_params(params, placement: _Placement):
     return placed
 
 
-def _embed_on_device(embed, params, ids, mask, placement: _Placement) -> jax.Array:
-    return embed(params, jax.device_put(ids, placement.rows), jax.device_put(mask, placement.rows))
+def _embed_on_device(embed, params, ids, mask, placement: _Placement, *more) -> jax.Array:
+    return embed(params, *(jax.device_put(x, placement.rows) for x in (ids, mask, *more)))
 
 
-def _embed_to_host(embed, params, ids, mask, placement: _Placement) -> np.ndarray:
-    return np.asarray(_embed_on_device(embed, params, ids, mask, placement))
+def _embed_to_host(embed, params, ids, mask, placement: _Placement, *more) -> np.ndarray:
+    return np.asarray(_embed_on_device(embed, params, ids, mask, placement, *more))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,11 +305,17 @@ def _assemble(outputs: tuple, index: jax.Array) -> jax.Array:
 # ----------------------------------------------------------------------------- encode
 
 def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | None = None, batch_size: int = 32,
-           normalize: bool = True, show_progress_bar: bool = False, dtype: str = "float32", devices=None,
-           convert_to_tensor: bool = False, truncate_dim: int | None = None):
+           normalize: bool | None = None, show_progress_bar: bool = False, dtype: str = "float32", devices=None,
+           convert_to_tensor: bool = False, truncate_dim: int | None = None, prompt_name: str | None = None,
+           prompt: str | None = None):
     """Embed sentences: float32 [N, D] (a single string gives [D], as sentence-transformers does).
 
-    `normalize=False` returns the mean-pooled embeddings before L2 normalisation.
+    The model's module stack decides the embedding: its Pooling modes, Dense modules, Normalize.
+    `normalize`: None (the model's own stack), True (L2-normalise at the end, as sentence-transformers'
+    normalize_embeddings=True), False (the embeddings before its Normalize module).
+    `prompt_name` / `prompt`: as sentence-transformers' encode: the text `prompt`, else the model's
+    prompt named `prompt_name`, else its default_prompt_name's, is put before every sentence (and
+    left out of pooling when the model's Pooling has include_prompt False).
     `dtype='bfloat16'` runs the matmuls in bfloat16 (for GPU/TPU); pooling stays float32.
     `batch_size` is the number of sentences per device in each call (a call on 8 devices holds
     8 x batch_size); on CPU it is capped at 32, which is faster there.
@@ -290,9 +334,11 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     if not isinstance(model, Model):
         model = load(model)
     compute_dtype(dtype)
+    items, skip = _prompted(model, items, prompt_name, prompt)
     plan = _CallPlan.of(model, batch_size, devices)
     placement, per_call = plan.placement, plan.per_call
-    hidden = model.config.hidden_size
+    head = model_head(model, normalize)
+    hidden = head.dimension(model.config.hidden_size)
     if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                      or not 1 <= truncate_dim <= hidden):
         raise UserError(f"truncate_dim must be an integer from 1 to the model's {hidden} dimensions, got {truncate_dim!r}")
@@ -301,7 +347,7 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
         if convert_to_tensor:
             return jax.device_put(np.zeros((0, keep), np.float32), placement.devices[0])
         return np.zeros((0, keep), dtype=np.float32)
-    embed = _embed_fn(model.config, dtype, bool(normalize))
+    embed = _embed_fn(model.config, head, dtype, pool_mask=bool(skip))
     # Once per call (and kept for the next call), not once per batch: host (numpy) parameters, as a
     # training run's evaluation passes them, would otherwise be copied to the devices by every batch.
     params = _placed_params(model.params, placement)
@@ -331,10 +377,11 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
                 rows = token_ids[start:start + per_call]
                 n_rows, length = next(shapes)
                 ids, mask = pad_batch(rows, length, n_rows, model.tokenizer.pad_id)
+                more = (_without_prompt(mask, skip),) if skip else ()
                 if convert_to_tensor:
                     where[idx] = done_rows + np.arange(len(idx))
                     done_rows += n_rows
-                pending.append((idx, pool.submit(work, embed, params, ids, mask, placement)))
+                pending.append((idx, pool.submit(work, embed, params, ids, mask, placement, *more)))
                 if len(pending) > _IN_FLIGHT:
                     _settle(pending.popleft(), out, on_device)
                 if bar is not None:
@@ -352,29 +399,47 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     return out[0] if single else out
 
 
+def _prompted(model: Model, items: list, prompt_name: str | None, prompt: str | None) -> tuple[list, int]:
+    """(the texts with the prompt before each, the leading tokens pooling skips: 0 unless the model's
+    Pooling leaves the prompt out, include_prompt False)."""
+    text = resolve_prompt(model, prompt_name, prompt)
+    if not text:
+        return items, 0
+    return [text + s for s in items], 0 if model.sentence.include_prompt else prompt_length(model, text)
+
+
+def _without_prompt(mask: np.ndarray, skip: int) -> np.ndarray:
+    """The pooled tokens: the mask with each row's first `skip` tokens ([CLS] and the prompt) zeroed."""
+    pooled = mask.copy()
+    pooled[:, :skip] = 0
+    return pooled
+
+
 def _token_lengths(model: Model, items: list) -> np.ndarray:
     return np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK]) for i in range(0, len(items), _CHUNK)])
 
 
-def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool = True,
+def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool | None = None,
             dtype: str = "float32", devices=None) -> int:
-    """Compile, ahead of time, every program that encode(texts, model, ...) would compile for each
-    list of texts in `calls`, by running it once on padding (a training run does this on a
-    background thread before its first evaluation). Returns how many programs it compiled."""
+    """Compile, ahead of time, every program that encode(texts, model, ...) would compile (with the
+    model's default prompt, as the evaluators encode) for each list of texts in `calls`, by running
+    it once on padding (a training run does this on a background thread before its first
+    evaluation). Returns how many programs it compiled."""
     if not isinstance(model, Model):
         model = load(model)
     plan = _CallPlan.of(model, batch_size, devices)
-    shapes = set()
+    shapes, skip = set(), 0
     for texts in calls:
-        items = check_sentences(list(texts))
+        items, skip = _prompted(model, check_sentences(list(texts)), None, None)  # encode's default prompt
         if items:
             shapes.update(plan.shapes(np.sort(_token_lengths(model, items))[::-1]))
-    embed = _embed_fn(model.config, dtype, bool(normalize))
+    embed = _embed_fn(model.config, model_head(model, normalize), dtype, pool_mask=bool(skip))
     params = _placed_params(model.params, plan.placement)
     before = compiled_programs()
     for n_rows, length in sorted(shapes):
         ids, mask = pad_batch([], length, n_rows, model.tokenizer.pad_id)
-        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement))
+        more = (mask,) if skip else ()
+        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement, *more))
     return compiled_programs() - before
 
 
@@ -387,14 +452,24 @@ def _settle(item, out: np.ndarray | None, on_device: list) -> None:
         out[idx] = result[: len(idx)]
 
 
-def similarity(a, b) -> np.ndarray:
-    """Cosine similarity matrix [N, M] of two embedding sets ([D] inputs count as one row)."""
+def similarity(a, b, similarity_fn_name: str | None = None, model: Model | None = None) -> np.ndarray:
+    """The similarity matrix [N, M] of two embedding sets ([D] inputs count as one row), as
+    sentence-transformers' model.similarity: `similarity_fn_name` (cosine, dot, euclidean: minus the
+    L2 distance, manhattan: minus the L1 distance), else the model's similarity_fn_name, else cosine."""
     a32 = np.atleast_2d(np.asarray(a, dtype=np.float32))
     b32 = np.atleast_2d(np.asarray(b, dtype=np.float32))
     if a32.ndim != 2 or b32.ndim != 2 or a32.shape[1] != b32.shape[1]:
         raise UserError(f"similarity needs [N, D] and [M, D] arrays with the same D, got {a32.shape} and {b32.shape}")
+    fn = similarity_fn_name or (model.sentence.similarity_fn_name if model is not None else "cosine")
+    if fn == "cosine":
+        def unit(x):
+            return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
-    def unit(x):
-        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-    return unit(a32) @ unit(b32).T
+        return unit(a32) @ unit(b32).T
+    if fn == "dot":
+        return a32 @ b32.T
+    if fn == "euclidean":
+        return -np.sqrt(np.maximum(np.sum(np.square(a32[:, None, :] - b32[None, :, :]), axis=-1), 0.0))
+    if fn == "manhattan":
+        return -np.sum(np.abs(a32[:, None, :] - b32[None, :, :]), axis=-1)
+    raise UserError(f"similarity function {fn!r} is not supported; use one of {', '.join(SIMILARITY_FNS)}")

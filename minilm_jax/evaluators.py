@@ -693,17 +693,20 @@ class ParaphraseMiningEvaluator:
 # ----------------------------------------------------------------------------- building one
 
 def build_evaluator(name: str, *, pairs=None, retrieval: RetrievalData | None = None,
-                    similarity_fns: Sequence[str] | None = None, positive_threshold: float = 1.0):
+                    similarity_fns: Sequence[str] | None = None, positive_threshold: float = 1.0,
+                    model_similarity: str = "cosine"):
     """The evaluator `name` (one of EVALUATORS) over `pairs` (a minilm_jax.pairs.Pairs) or, for
     `retrieval`, over `retrieval` (load_retrieval) or pairs (retrieval_from_pairs).
 
-    similarity_fns: default ("cosine",), ST's default for this model. `similarity` and `binary` take
+    similarity_fns: default (model_similarity,), the model's similarity_fn_name, as sentence-transformers'
+    evaluators default to it (paraphrase mining: cosine). `similarity` and `binary` take
     any of cosine, dot, euclidean, manhattan; `retrieval` one of cosine, dot; `paraphrase-mining`
     only cosine (ST mines with cosine). positive_threshold: the score from which a pair counts as a
     positive, for `retrieval` from pairs and for `paraphrase-mining`."""
     if name not in EVALUATORS:
         raise UsageError(f"unknown evaluator {name!r}; use one of {', '.join(EVALUATORS)}")
-    fns = tuple(similarity_fns or ("cosine",))
+    default = "cosine" if name == "paraphrase-mining" else model_similarity
+    fns = tuple(similarity_fns or (default,))
     unknown = [fn for fn in fns if fn not in SIMILARITY_FNS]
     if unknown:
         raise UsageError(f"unknown similarity function {unknown[0]!r}; use {', '.join(SIMILARITY_FNS)}")
@@ -713,7 +716,9 @@ def build_evaluator(name: str, *, pairs=None, retrieval: RetrievalData | None = 
         raise UsageError(f"queries/corpus/qrels files are for --evaluator retrieval, not {name}")
     if name == "retrieval":
         if len(fns) != 1 or fns[0] not in RETRIEVAL_FNS:
-            raise UsageError(f"--evaluator retrieval scores with one function, cosine or dot (got {' '.join(fns)})")
+            given = " ".join(fns) if similarity_fns else f"the model's similarity_fn_name {fns[0]}"
+            raise UsageError(f"--evaluator retrieval scores with one function, cosine or dot (got {given}); "
+                             "pass --similarity cosine or --similarity dot")
         if retrieval is None:
             if pairs is None:
                 raise UsageError("--evaluator retrieval needs --queries/--corpus/--qrels or --pairs")

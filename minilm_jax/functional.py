@@ -24,7 +24,7 @@ import jax
 import numpy as np
 
 from minilm_jax.checkpoint_io import Model
-from minilm_jax.config import BertConfig
+from minilm_jax.config import BertConfig, Head
 from minilm_jax.embedding import DTYPES, compute_dtype, sentence_embeddings
 from minilm_jax.errors import UserError
 from minilm_jax.tokenizer import Tokenizer, check_sentences, pad_batch
@@ -67,14 +67,16 @@ def tokenize(model: Model, sentences: Sequence[str], length: int | None = None) 
     return {"ids": ids, "mask": mask}
 
 
-def embed(params, batch: dict, config: BertConfig, *, normalize: bool = True, dtype="float32",
-          dropout_rng: jax.Array | None = None) -> jax.Array:
+def embed(params, batch: dict, config: BertConfig, *, normalize: bool | None = None, dtype="float32",
+          dropout_rng: jax.Array | None = None, head: Head | None = None) -> jax.Array:
     """Sentence embeddings float32 [N, D] of a tokenized batch: pure, jittable, differentiable, vmappable.
 
     `params` is a model's parameter tree (`model.params`, or one you trained); `batch` holds
     "ids" and "mask" [N, L] (from `tokenize`, or your own pipeline); `config` is `model.config`
-    (hashable: pass it as a static argument to jax.jit, or close over it). `normalize=False`
-    gives the mean-pooled embeddings before L2 normalisation. `dtype` "bfloat16" runs the matmuls
+    (hashable: pass it as a static argument to jax.jit, or close over it). `head` is
+    `model.sentence.head`, the modules after the encoder (default: mean pooling and Normalize,
+    all-MiniLM-L6-v2's); static too. `normalize`: None follows the head, False gives the
+    embeddings before its Normalize, True normalises them. `dtype` "bfloat16" runs the matmuls
     in bfloat16 (pooling and normalisation stay float32). With a `dropout_rng` the encoder's
     dropout is on, as in training; without one it is off, as in `encode`.
     """
@@ -83,9 +85,12 @@ def embed(params, batch: dict, config: BertConfig, *, normalize: bool = True, dt
     if not isinstance(batch, dict) or not {"ids", "mask"} <= set(batch):
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise UserError(f"batch must be a dict with 'ids' and 'mask' (what minilm_jax.tokenize returns), got {found}")
+    if head is not None and not isinstance(head, Head):
+        raise UserError(f"head must be a minilm_jax Head (model.sentence.head), got {type(head).__name__}")
     compute = compute_dtype(dtype) if isinstance(dtype, str) else _dtype_name_check(dtype)
-    return sentence_embeddings(params, batch["ids"], batch["mask"], config=config, dtype=compute,
-                               normalize=bool(normalize), dropout_rng=dropout_rng)
+    return sentence_embeddings(params, batch["ids"], batch["mask"], config=config, head=head or Head(),
+                               dtype=compute, normalize=None if normalize is None else bool(normalize),
+                               dropout_rng=dropout_rng)
 
 
 def _dtype_name_check(dtype):

@@ -48,6 +48,8 @@ def render_model_card(run: dict) -> str:
         (the folder's name, never a path); `read_from` says how a local folder's id was recognised;
         `parent`, for a folder without an id, the hub model that folder was trained from;
       max_seq_length, hidden_size, do_lower_case, normalize;
+      and optionally (all-MiniLM-L6-v2's stack when absent) pooling: the 1_Pooling/config.json written,
+        dense [each Dense module's config.json], embedding_dimension, similarity_fn_name, prompts {name: text};
       train_dataset {name, id: hub id | None, size, columns, stats {sentence1, sentence2,
         score: {min, mean, max}}, samples [{sentence1, sentence2, score}]};
       eval_dataset {name, id, size} | None;
@@ -252,24 +254,33 @@ def _introduction(run: dict) -> str:
     return (
         f"# {_model_name(run)}\n\n"
         f"This is a [sentence-transformers](https://www.SBERT.net) model finetuned from {base} on the {data} "
-        f"dataset. It maps inputs to a {run['hidden_size']}-dimensional dense vector space and can be used "
+        f"dataset. It maps inputs to a {_dimension(run)}-dimensional dense vector space and can be used "
         f"for {_TASKS}.\n\n"
         "It was fine-tuned in JAX/Flax with minilm-jax, which reproduces sentence-transformers' model, "
         "loss and metrics; the folder loads in both libraries.\n"
     )
 
 
+_SIMILARITY_NAMES = {"cosine": "Cosine Similarity", "dot": "Dot Product", "euclidean": "Euclidean Distance",
+                     "manhattan": "Manhattan Distance"}
+
+
+def _dimension(run: dict) -> int:
+    return run.get("embedding_dimension") or run["hidden_size"]
+
+
 def _architecture(run: dict) -> str:
     """What `print(SentenceTransformer(folder))` shows for the classic folder layout we export
-    (sentence_bert_config.json, 1_Pooling/config.json, 2_Normalize)."""
+    (sentence_bert_config.json, 1_Pooling/config.json, N_Dense/config.json, N_Normalize)."""
     transformer = {"max_seq_length": run["max_seq_length"], "do_lower_case": run["do_lower_case"]}
-    pooling = {
+    pooling = run.get("pooling") or {
         "word_embedding_dimension": run["hidden_size"], "pooling_mode_cls_token": False,
         "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
         "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_weightedmean_tokens": False,
         "pooling_mode_lasttoken": False, "include_prompt": True,
     }
     modules = [f"Transformer({transformer!r}) with Transformer model: BertModel", f"Pooling({pooling!r})"]
+    modules += [f"Dense({dense!r})" for dense in run.get("dense", ())]
     if run["normalize"]:
         modules.append("Normalize()")
     body = "\n".join(f"  ({i}): {module}" for i, module in enumerate(modules))
@@ -295,8 +306,9 @@ def _model_details(run: dict) -> str:
         "- **Model Type:** Sentence Transformer\n"
         f"- **Base model:** {_base_model_markdown(run['base_model'])}{_base_model_source(run['base_model'])}\n"
         f"- **Maximum Sequence Length:** {run['max_seq_length']} tokens\n"
-        f"- **Output Dimensionality:** {run['hidden_size']} dimensions\n"
-        "- **Similarity Function:** Cosine Similarity\n"
+        f"- **Output Dimensionality:** {_dimension(run)} dimensions\n"
+        f"- **Similarity Function:** {_SIMILARITY_NAMES[run.get('similarity_fn_name', 'cosine')]}\n"
+        f"{_prompts(run)}"
         "- **Training Dataset:**\n"
         f"    - {_dataset_markdown(run['train_dataset'])}\n\n"
         "### Model Sources\n\n"
@@ -309,8 +321,16 @@ def _model_details(run: dict) -> str:
     )
 
 
+def _prompts(run: dict) -> str:
+    prompts = {k: v for k, v in (run.get("prompts") or {}).items() if v}
+    if not prompts:
+        return ""
+    return "- **Prompts:**\n" + "".join(f"    - `{name}`: {json.dumps(text, ensure_ascii=False)}\n"
+                                      for name, text in prompts.items())
+
+
 def _usage(run: dict) -> str:
-    n, dim = len(_USAGE_SENTENCES), run["hidden_size"]
+    n, dim = len(_USAGE_SENTENCES), _dimension(run)
     sentences = "\n".join(f"    {sentence!r}," for sentence in _USAGE_SENTENCES)
     return (
         "## Usage\n\n"

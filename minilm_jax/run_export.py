@@ -95,6 +95,7 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
         "base_model": base_model(cfg.model, model.path),
         "max_seq_length": model.sentence.max_seq_length, "hidden_size": model.config.hidden_size,
         "do_lower_case": model.sentence.do_lower_case, "normalize": model.sentence.normalize,
+        **module_stack_summary(model),
         "train_dataset": {
             **train_data, "size": len(train),
             "columns": [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column],
@@ -112,6 +113,16 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
                      "flax": flax.__version__, "optax": optax.__version__, "tokenizers": tokenizers.__version__,
                      "datasets": datasets.__version__},
     }
+
+
+def module_stack_summary(model) -> dict:
+    """The model card's view of the module stack: the Pooling and Dense configs the export writes,
+    the embedding's dimension, the similarity function and the prompts."""
+    sentence, hidden = model.sentence, model.config.hidden_size
+    return {"pooling": checkpoint_io.pooling_config(sentence, hidden),
+            "dense": [checkpoint_io.dense_config(d) for d in sentence.dense],
+            "embedding_dimension": sentence.head.dimension(hidden),
+            "similarity_fn_name": sentence.similarity_fn_name, "prompts": sentence.prompt_dict}
 
 
 def dataset_names(cfg: TrainConfig, run_data: RunData) -> tuple[dict, dict | None]:

@@ -85,9 +85,12 @@ class TrainConfig:
     positives_only: bool = False  # keep the label-1 rows of a 0/1 pair-class file (for in-batch negatives)
     add_swapped: bool = False  # also train on every row swapped: (sentence2, sentence1)
     batch_sampler: str = "auto"  # shuffle, no-duplicates; auto: no-duplicates for in-batch-negative losses
+    # sentence-transformers' `prompts` training argument: "TEXT" (every column) or "COLUMN=TEXT"
+    # entries; a model's prompt can be named as "COLUMN=@NAME" (or "@NAME")
+    prompt: tuple = ()
 
     def __post_init__(self):
-        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column"):
+        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column", "prompt"):
             object.__setattr__(self, name, tuple(getattr(self, name)))  # a command line gives lists
 
     def validate(self) -> None:
@@ -128,6 +131,8 @@ class TrainConfig:
         skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
                 "evaluator",
                 "eval_file"}
+        if not self.prompt:  # so that a run written before --prompt existed still resumes
+            skip.add("prompt")
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
@@ -177,7 +182,43 @@ def step_spec(cfg: TrainConfig, model, n_devices: int) -> StepSpec:
     shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2 + len(cfg.negative_column),
                                   model.sentence.max_seq_length, cfg.packed_tokens,
                                   mini_batch_size=getattr(loss, "mini_batch_size", None))
-    return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout)
+    prompt_lengths = ()
+    if not model.sentence.include_prompt and any(column_prompts(cfg, model)):
+        from minilm_jax.encode import prompt_length
+
+        prompt_lengths = tuple(prompt_length(model, p) if p else 0 for p in column_prompts(cfg, model))
+    return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout, head=model.sentence.head,
+                    prompt_lengths=prompt_lengths)
+
+
+def column_names(cfg: TrainConfig) -> tuple[str, ...]:
+    """The training data's text columns, in the order the train step lays them out."""
+    return (cfg.sentence1_column, cfg.sentence2_column, *cfg.negative_column)
+
+
+def column_prompts(cfg: TrainConfig, model) -> tuple[str, ...]:
+    """The prompt of each text column ("" for none), from --prompt: "TEXT" for every column,
+    "COLUMN=TEXT" for one; "@NAME" (or "COLUMN=@NAME") for the model's prompt NAME."""
+    names = column_names(cfg)
+    out = ["" for _ in names]
+    for entry in cfg.prompt:
+        column, sep, text = entry.partition("=")
+        if sep and column in names:
+            targets = [names.index(column)]
+        elif sep and column.isidentifier():
+            raise UsageError(f"--prompt {entry!r}: {column!r} is not a text column of the training data "
+                             f"({', '.join(names)}); write COLUMN=TEXT, or TEXT alone for every column")
+        else:
+            targets, text = list(range(len(names))), entry
+        if text.startswith("@"):
+            prompts = model.sentence.prompt_dict
+            if text[1:] not in prompts:
+                raise UsageError(f"--prompt {entry!r}: the model has no prompt named {text[1:]!r} "
+                                 f"({', '.join(prompts) or 'it has no prompts'})")
+            text = prompts[text[1:]]
+        for i in targets:
+            out[i] = text
+    return tuple(out)
 
 
 def batch_plan(cfg: TrainConfig, train: Pairs, loss) -> data_lib.BatchPlan:
@@ -357,7 +398,7 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
             # start compiling it here rather than after the checkpoints are opened (a cold run's
             # first general step waited for it).
             programs.general_steps(0)
-        evaluators = build_evaluators(cfg, run_data)
+        evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
         out.mkdir(parents=True, exist_ok=True)
         # On several hosts sharing one output folder, process 0 owns the folder; the others only
         # take part in the checkpoints.
@@ -461,18 +502,19 @@ class _PlannedSteps:
 
 def _plan_steps(cfg: TrainConfig, run_data: RunData, model, loss) -> _PlannedSteps:
     plan = batch_plan(cfg, run_data.train, loss)
-    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer)
+    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer, column_prompts(cfg, model))
     rows = TrainedRows.for_data(tokens, model.config.vocab_size, cfg.weight_decay)
     return _PlannedSteps(tokens, rows, plan, cfg.max_steps or plan.epoch_start(cfg.epochs))
 
 
-def build_evaluators(cfg: TrainConfig, run_data: RunData) -> list:
-    """The evaluators of the run, checked against its eval data before anything is written."""
+def build_evaluators(cfg: TrainConfig, run_data: RunData, model_similarity: str = "cosine") -> list:
+    """The evaluators of the run, checked against its eval data before anything is written; they
+    score with the model's similarity function, as sentence-transformers' evaluators do by default."""
     from minilm_jax.evaluators import build_evaluator
 
     if run_data.eval is None:
         return []
-    return [build_evaluator(name, pairs=run_data.eval) for name in cfg.evaluator]
+    return [build_evaluator(name, pairs=run_data.eval, model_similarity=model_similarity) for name in cfg.evaluator]
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, steps: _PlannedSteps,

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from minilm_jax.config import BertConfig
+from minilm_jax.config import BertConfig, Head
 from minilm_jax.data import StepShapes
 from minilm_jax.embedding import compute_dtype, packed_sentence_embeddings
 from minilm_jax.optimizer import AdamW, RowSparse, join_table, split_table
@@ -77,6 +77,11 @@ class StepSpec:
     # program then lowers and compiles in about half the time (bench/RESULTS.md), with the same
     # result.
     gradcache: bool = True
+    # The modules after the encoder (Pooling modes, Dense, Normalize): all-MiniLM-L6-v2's by default.
+    head: Head = Head()
+    # A prompt left out of pooling (Pooling's include_prompt False): per column, its leading tokens
+    # ([CLS] and the prompt) that pooling skips; () when every token is pooled.
+    prompt_lengths: tuple[int, ...] = ()
 
 
 # ----------------------------------------------------------------------------- loss and gradient
@@ -101,8 +106,9 @@ def _local_model(params, ids: jax.Array, config: BertConfig, axis_name: str | No
 
 
 def _embed(params, layout: dict, spec: StepSpec, config: BertConfig, dropout_rng):
-    return packed_sentence_embeddings(params, layout, spec.shapes.sentences, config=config,
-                                      dtype=compute_dtype(spec.dtype_name), dropout_rng=dropout_rng)
+    return packed_sentence_embeddings(params, layout, spec.shapes.sentences, config=config, head=spec.head,
+                                      dtype=compute_dtype(spec.dtype_name), dropout_rng=dropout_rng,
+                                      prompt_lengths=spec.prompt_lengths)
 
 
 def _sparse_table_grads(loss, grads, rows_N, axis_name):
@@ -153,7 +159,8 @@ def general_loss_and_grads(params, batch: dict, dropout_rng, *, spec: StepSpec, 
 
     def cached():
         emb_SxD = jax.lax.fori_loop(0, n_used, lambda m, acc: acc + embed_micro(local_params, m),
-                                    jnp.zeros((spec.shapes.sentences, spec.config.hidden_size), jnp.float32))
+                                    jnp.zeros((spec.shapes.sentences, spec.head.dimension(spec.config.hidden_size)),
+                                              jnp.float32))
         loss, emb_grad_SxD = jax.value_and_grad(_objective)(emb_SxD, batch, spec, axis_name, loss_rng)
 
         def add_micro_grads(m, acc):
