@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import heapq
 import json
 import math
 import os
@@ -62,6 +61,7 @@ import numpy as np
 
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.metrics import SIMILARITY_FNS, evaluate_pairs, pairwise_similarity, similarity_matrix
+from minilm_jax.search import paraphrase_mining_embeddings
 
 EVALUATORS = ("similarity", "binary", "retrieval", "paraphrase-mining")
 RETRIEVAL_FNS = ("cosine", "dot")
@@ -599,37 +599,6 @@ def mining_from_pairs(pairs, positive_threshold: float = 1.0) -> MiningData:
     return MiningData(tuple(ids), tuple(sentences), tuple(sorted(duplicates)), pairs.source)
 
 
-def _mine(emb: np.ndarray, top_k: int, max_pairs: int) -> list[list]:
-    """sentence_transformers.util.paraphrase_mining_embeddings (cosine): [score, i, j] with i < j, best first."""
-    n = len(emb)
-    k = min(top_k + 1, n)
-    pairs: list = []  # min-heap of (score, i, j), at most max_pairs
-    queued: set = set()
-    min_score = float("-inf")
-    step = max(1, _SCORE_BLOCK // max(1, n))
-    for start in range(0, n, step):
-        neg = -similarity_matrix("cosine", emb[start:start + step], emb)
-        top = np.argpartition(neg, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(neg), 1))
-        for r, (row, cand) in enumerate(zip(neg, top)):
-            i = start + r
-            cand = cand[np.lexsort((cand, row[cand]))]
-            neighbours = [(j, -s) for j, s in zip(cand.tolist(), row[cand].tolist()) if j != i][:top_k]
-            for j, score in neighbours:
-                if score <= min_score:
-                    continue
-                pair = (i, j) if i < j else (j, i)
-                if pair in queued:
-                    continue
-                queued.add(pair)
-                if len(pairs) < max_pairs:
-                    heapq.heappush(pairs, (score, *pair))
-                else:
-                    evicted = heapq.heappushpop(pairs, (score, *pair))
-                    queued.discard(evicted[1:])
-                    min_score = evicted[0]
-    return sorted(([score, i, j] for score, i, j in pairs), key=lambda x: x[0], reverse=True)
-
-
 def paraphrase_mining_metrics(emb: np.ndarray, data: MiningData, top_k: int = MINING_TOP_K,
                               max_pairs: int = MINING_MAX_PAIRS) -> dict[str, float]:
     """ParaphraseMiningEvaluator's metrics (no transitive closure, its default): average_precision,
@@ -637,7 +606,7 @@ def paraphrase_mining_metrics(emb: np.ndarray, data: MiningData, top_k: int = MI
     row = {key: i for i, key in enumerate(data.ids)}
     gold = {tuple(sorted((row[a], row[b]))) for a, b in data.duplicates if a != b}
     total = len({tuple(sorted(pair)) for pair in data.duplicates})  # ST's total_num_duplicates
-    ranked = _mine(emb, top_k, max_pairs)
+    ranked = paraphrase_mining_embeddings(emb, max_pairs=max_pairs, top_k=top_k)
     n_extract = n_correct = previous_correct = 0
     threshold = 0
     best_f1 = best_recall = best_precision = 0
