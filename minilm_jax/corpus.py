@@ -242,6 +242,7 @@ def atomic_write(path: str, data: bytes) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp's 0600 would hide a shared corpus from its other readers
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -251,6 +252,12 @@ def atomic_write(path: str, data: bytes) -> None:
         with _suppress_oserror():
             os.remove(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 class _suppress_oserror:
@@ -268,11 +275,17 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 
 def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _read_json(path: str, damaged: str):
+    """A JSON file's content, or a UserError: `path` is `damaged` (the message's end), with the reason."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} {damaged} ({e})") from None
 
 
 def shard_name(index: int) -> str:
@@ -331,11 +344,7 @@ def read_manifest(folder: str) -> dict | None:
     path = os.path.join(folder, MANIFEST)
     if not os.path.exists(path):
         return None
-    try:
-        with open(path, encoding="utf-8") as f:
-            m = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable corpus manifest ({e}); it is not ours or it is damaged") from None
+    m = _read_json(path, "is not a readable corpus manifest: it is not ours or it is damaged")
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise UserError(f"{path} is not a minilm-jax corpus manifest (format {m.get('format') if isinstance(m, dict) else None!r}, "
                         f"expected {FORMAT!r}); give another --output-dir")
@@ -365,11 +374,7 @@ def shard_record(folder: str, plan: Plan, index: int) -> dict | None:
     record_path = os.path.join(folder, name + ".json")
     if not os.path.exists(record_path):
         return None
-    try:
-        with open(record_path, encoding="utf-8") as f:
-            record = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{record_path} is damaged ({e}); delete it and {name}.npy to embed those rows again") from None
+    record = _read_json(record_path, f"is damaged: delete it and {name}.npy to embed those rows again")
     start, stop = plan.shard_range(index)
     if (record.get("model_fingerprint") != plan.model_fingerprint or record.get("precision") != plan.precision
             or (record.get("start"), record.get("stop")) != (start, stop)):

@@ -27,11 +27,16 @@ DEFAULT_BLOCK_ROWS = 4096
 DEFAULT_CALIBRATION_ROWS = 10000
 
 
-def _barrier(name: str, process_count: int) -> None:
-    if process_count > 1:
-        from jax.experimental import multihost_utils
+_BARRIER_HOURS = 72  # the processes' shards can take hours, and one may finish long before another
 
-        multihost_utils.sync_global_devices(name)
+
+def _barrier(name: str, process_count: int) -> None:
+    """Every process waits here for the others, on the coordination service's barrier (no collective on the
+    devices, whose timeouts are seconds)."""
+    if process_count > 1:
+        from jax._src import distributed as jax_distributed  # the client: jax has no public barrier without devices
+
+        jax_distributed.global_state.client.wait_at_barrier(name, _BARRIER_HOURS * 3600 * 1000)
 
 
 def _encode_rows(source: store.TextSource, model, start: int, stop: int, block_rows: int, embed_block):

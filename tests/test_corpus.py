@@ -356,3 +356,23 @@ def test_search_command(real, jax_model, tmp_path):
     assert [h["hits"][0]["corpus_id"] for h in hits] == [0, 1, 2]  # each query finds itself, rescored
     assert_user_error(runs["dim"], 1, "dimension 100, the corpus 384")
     assert_user_error(runs["half"], 1, "is not complete yet")
+
+
+def test_retrieval_metrics_at_each_precision(jax_model, data_dir):
+    """evaluate.py --evaluator retrieval --precision: float16 gives float32's metrics to 1e-3, binary less."""
+    import minilm_jax
+    from minilm_jax.errors import UsageError
+    from minilm_jax.evaluators import build_evaluator, retrieval_from_pairs, retrieval_metrics
+    from minilm_jax.pairs import Pairs
+
+    rows = [line.split("\t") for line in (data_dir / "quora_dev.tsv").read_text(encoding="utf-8").splitlines()[1:401]]
+    pairs = Pairs([r[0] for r in rows], [r[1] for r in rows], np.array([float(r[2]) for r in rows]), "quora_dev")
+    data = retrieval_from_pairs(pairs)
+    q, c = minilm_jax.encode(list(data.queries), jax_model), minilm_jax.encode(list(data.corpus), jax_model)
+    base = retrieval_metrics(q, c, data)
+    half = retrieval_metrics(q, c, data, precision="float16")
+    bits = retrieval_metrics(q, c, data, precision="ubinary")
+    assert abs(half["cosine_ndcg@10"] - base["cosine_ndcg@10"]) < 1e-3
+    assert 0.5 < bits["cosine_ndcg@10"] <= base["cosine_ndcg@10"] + 0.02
+    with pytest.raises(UsageError, match="--precision is for --evaluator retrieval"):
+        build_evaluator("similarity", pairs=pairs, precision="int8")
