@@ -244,6 +244,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(data_dir, model_path, ja
     assert killed.shape == (384, 384) and killed.tobytes() == whole.tobytes()
 
 
+@pytest.mark.slow
 def test_8_devices_and_2_processes_write_the_files_of_one_device(data_dir, model_path, tmp_path):
     """Every local device (8 forced CPU devices) and 2 processes (1 device each, one shared folder): the same
     shards as one device, to 1e-6; the manifests are the same but for nothing."""
