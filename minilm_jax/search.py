@@ -12,7 +12,8 @@ Order: scores descending, ties by the lower corpus id, which is the order `lax.t
 keeps the lower index first among equals) gives and the merge keeps (the running top k, lower ids,
 comes first). sentence-transformers returns the same hits; among exactly equal scores its order is
 whatever torch.topk's partial sort and its heap leave (not specified by torch), so only ties can
-be ordered differently.
+be ordered differently. The first stage of a quantized search follows exact faiss instead: the higher
+id first among equal inner products (int8/uint8), the lower among equal Hamming distances.
 
 Quantized corpora (as sentence-transformers' semantic_search_faiss/usearch): the float query is
 quantized like the corpus, the first stage ranks by the inner product of the quantized values
