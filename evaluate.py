@@ -3,7 +3,7 @@
 
     python evaluate.py --model PATH --pairs ../shared/data/stsb_dev.tsv [--similarity cosine dot] [--json]
     python evaluate.py --model PATH --pairs ../shared/data/quora_dev.tsv --evaluator binary
-    python evaluate.py --model PATH --pairs ../shared/data/quora_dev.tsv --evaluator retrieval
+    python evaluate.py --model PATH --pairs ../shared/data/quora_dev.tsv --evaluator retrieval [--precision int8]
     python evaluate.py --model PATH --queries Q.jsonl --corpus C.jsonl --qrels R.tsv --evaluator retrieval
     python evaluate.py --model PATH --pairs ../shared/data/quora_dev.tsv --evaluator paraphrase-mining
 
@@ -60,6 +60,10 @@ def parse_args(argv=None):
                    "all-MiniLM-L6-v2; paraphrase-mining: cosine)")
     p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype; default: %(default)s")
+    p.add_argument("--precision", default="float32",
+                   choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+                   help="retrieval: the corpus embeddings at this precision (quantize_embeddings; int8/uint8 ranges "
+                   "from the corpus), searched with rescoring as search.py does (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     args = p.parse_args(argv)
     if args.batch_size < 1:
@@ -129,11 +133,11 @@ def main(argv=None) -> None:
         files = {"queries_file": args.queries, "corpus_file": args.corpus, "qrels_file": args.qrels}
     threshold = 1.0 if args.positive_threshold is None else args.positive_threshold
     evaluator = build_evaluator(args.evaluator, pairs=pairs, retrieval=retrieval, similarity_fns=args.similarity,
-                                positive_threshold=threshold)
+                                positive_threshold=threshold, precision=args.precision)
     model = minilm_jax.load(args.model)
     if args.similarity is None and model.sentence.similarity_fn_name != "cosine":  # the model's, as ST's default
         evaluator = build_evaluator(args.evaluator, pairs=pairs, retrieval=retrieval, positive_threshold=threshold,
-                                    model_similarity=model.sentence.similarity_fn_name)
+                                    model_similarity=model.sentence.similarity_fn_name, precision=args.precision)
     start = time.perf_counter()
     metrics = evaluator.evaluate(model, args.batch_size, args.dtype)
     seconds = time.perf_counter() - start

@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import heapq
 import json
 import math
 import os
@@ -62,6 +61,7 @@ import numpy as np
 
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.metrics import SIMILARITY_FNS, evaluate_pairs, pairwise_similarity, similarity_matrix
+from minilm_jax.search import paraphrase_mining_embeddings
 
 EVALUATORS = ("similarity", "binary", "retrieval", "paraphrase-mining")
 RETRIEVAL_FNS = ("cosine", "dot")
@@ -372,29 +372,48 @@ def _ranking_metrics(hits: list[list[tuple[str, float]]], query_ids, relevant) -
 
 
 def retrieval_metrics(query_emb: np.ndarray, corpus_emb: np.ndarray, data: RetrievalData,
-                      fn: str = "cosine") -> dict[str, float]:
+                      fn: str = "cosine", precision: str = "float32") -> dict[str, float]:
     """InformationRetrievalEvaluator's metrics with ST's default k lists, keys `{fn}_accuracy@1`,
     ..., `{fn}_ndcg@10`, `{fn}_mrr@10`, `{fn}_map@100`. Rows of `query_emb` are `data.query_ids`,
-    rows of `corpus_emb` are `data.corpus_ids`."""
+    rows of `corpus_emb` are `data.corpus_ids`.
+
+    `precision` other than float32: the corpus quantized to it (int8/uint8 ranges from the corpus
+    embeddings, quantize_embeddings' default), the float queries searched against it as
+    minilm_jax.search does (quantized corpora: first stage and float rescoring, multiplier 2)."""
     max_k = max(*MRR_AT_K, *NDCG_AT_K, *ACCURACY_AT_K, *PRECISION_RECALL_AT_K, *MAP_AT_K)
     by_id = sorted(range(len(data.corpus_ids)), key=data.corpus_ids.__getitem__)  # ST's tie-break order
     corpus_emb = np.asarray(corpus_emb)[by_id]
     ids = [data.corpus_ids[c] for c in by_id]
-    step = max(1, _SCORE_BLOCK // max(1, len(ids)))
-    hits = []
-    for start in range(0, len(data.query_ids), step):
-        hits.extend(_top_hits(similarity_matrix(fn, query_emb[start:start + step], corpus_emb), ids, max_k))
+    if precision != "float32":
+        hits = _quantized_hits(np.asarray(query_emb), corpus_emb, ids, max_k, fn, precision)
+    else:
+        step = max(1, _SCORE_BLOCK // max(1, len(ids)))
+        hits = []
+        for start in range(0, len(data.query_ids), step):
+            hits.extend(_top_hits(similarity_matrix(fn, query_emb[start:start + step], corpus_emb), ids, max_k))
     metrics = _ranking_metrics(hits, data.query_ids, data.relevant)
     return {f"{fn}_{name.replace('@k', '@' + str(k))}": float(value)
             for name, values in metrics.items() for k, value in values.items()}
 
 
+def _quantized_hits(query_emb, corpus_emb, ids, k: int, fn: str, precision: str) -> list[list[tuple[str, float]]]:
+    from minilm_jax.quantize import CALIBRATED, quantize, ranges_of
+    from minilm_jax.search import place_corpus, search
+
+    ranges = ranges_of(corpus_emb) if precision in CALIBRATED else None
+    corpus = place_corpus(quantize(corpus_emb, precision, ranges), precision, ranges=ranges, dim=corpus_emb.shape[1])
+    scores, rows = search(query_emb, corpus, k, fn)
+    return [[(ids[c], s) for c, s in zip(r, sc)] for r, sc in zip(rows.tolist(), scores.tolist())]
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RetrievalEvaluator:
-    """InformationRetrievalEvaluator with one score function (ST's default: the model's, cosine)."""
+    """InformationRetrievalEvaluator with one score function (ST's default: the model's, cosine), the
+    corpus at `precision` (retrieval_metrics)."""
 
     data: RetrievalData
     similarity_fn: str = "cosine"
+    precision: str = "float32"
     name = "retrieval"
     display_name = "Information Retrieval"
     st_class = "InformationRetrievalEvaluator"
@@ -416,7 +435,7 @@ class RetrievalEvaluator:
     def evaluate(self, model, batch_size: int = 32, dtype: str = "float32") -> dict[str, float]:
         emb, row = _embed_unique(model, self.data.queries + self.data.corpus, batch_size, dtype)
         return retrieval_metrics(emb[[row[t] for t in self.data.queries]], emb[[row[t] for t in self.data.corpus]],
-                                 self.data, self.similarity_fn)
+                                 self.data, self.similarity_fn, self.precision)
 
 
 def _ids(n: int, prefix: str = "") -> list[str]:
@@ -599,37 +618,6 @@ def mining_from_pairs(pairs, positive_threshold: float = 1.0) -> MiningData:
     return MiningData(tuple(ids), tuple(sentences), tuple(sorted(duplicates)), pairs.source)
 
 
-def _mine(emb: np.ndarray, top_k: int, max_pairs: int) -> list[list]:
-    """sentence_transformers.util.paraphrase_mining_embeddings (cosine): [score, i, j] with i < j, best first."""
-    n = len(emb)
-    k = min(top_k + 1, n)
-    pairs: list = []  # min-heap of (score, i, j), at most max_pairs
-    queued: set = set()
-    min_score = float("-inf")
-    step = max(1, _SCORE_BLOCK // max(1, n))
-    for start in range(0, n, step):
-        neg = -similarity_matrix("cosine", emb[start:start + step], emb)
-        top = np.argpartition(neg, k - 1, axis=1)[:, :k] if k < n else np.tile(np.arange(n), (len(neg), 1))
-        for r, (row, cand) in enumerate(zip(neg, top)):
-            i = start + r
-            cand = cand[np.lexsort((cand, row[cand]))]
-            neighbours = [(j, -s) for j, s in zip(cand.tolist(), row[cand].tolist()) if j != i][:top_k]
-            for j, score in neighbours:
-                if score <= min_score:
-                    continue
-                pair = (i, j) if i < j else (j, i)
-                if pair in queued:
-                    continue
-                queued.add(pair)
-                if len(pairs) < max_pairs:
-                    heapq.heappush(pairs, (score, *pair))
-                else:
-                    evicted = heapq.heappushpop(pairs, (score, *pair))
-                    queued.discard(evicted[1:])
-                    min_score = evicted[0]
-    return sorted(([score, i, j] for score, i, j in pairs), key=lambda x: x[0], reverse=True)
-
-
 def paraphrase_mining_metrics(emb: np.ndarray, data: MiningData, top_k: int = MINING_TOP_K,
                               max_pairs: int = MINING_MAX_PAIRS) -> dict[str, float]:
     """ParaphraseMiningEvaluator's metrics (no transitive closure, its default): average_precision,
@@ -637,7 +625,7 @@ def paraphrase_mining_metrics(emb: np.ndarray, data: MiningData, top_k: int = MI
     row = {key: i for i, key in enumerate(data.ids)}
     gold = {tuple(sorted((row[a], row[b]))) for a, b in data.duplicates if a != b}
     total = len({tuple(sorted(pair)) for pair in data.duplicates})  # ST's total_num_duplicates
-    ranked = _mine(emb, top_k, max_pairs)
+    ranked = paraphrase_mining_embeddings(emb, max_pairs=max_pairs, top_k=top_k)
     n_extract = n_correct = previous_correct = 0
     threshold = 0
     best_f1 = best_recall = best_precision = 0
@@ -694,7 +682,7 @@ class ParaphraseMiningEvaluator:
 
 def build_evaluator(name: str, *, pairs=None, retrieval: RetrievalData | None = None,
                     similarity_fns: Sequence[str] | None = None, positive_threshold: float = 1.0,
-                    model_similarity: str = "cosine"):
+                    model_similarity: str = "cosine", precision: str = "float32"):
     """The evaluator `name` (one of EVALUATORS) over `pairs` (a minilm_jax.pairs.Pairs) or, for
     `retrieval`, over `retrieval` (load_retrieval) or pairs (retrieval_from_pairs).
 
@@ -702,7 +690,8 @@ def build_evaluator(name: str, *, pairs=None, retrieval: RetrievalData | None = 
     evaluators default to it (paraphrase mining: cosine). `similarity` and `binary` take
     any of cosine, dot, euclidean, manhattan; `retrieval` one of cosine, dot; `paraphrase-mining`
     only cosine (ST mines with cosine). positive_threshold: the score from which a pair counts as a
-    positive, for `retrieval` from pairs and for `paraphrase-mining`."""
+    positive, for `retrieval` from pairs and for `paraphrase-mining`. precision: `retrieval`'s corpus
+    precision (retrieval_metrics)."""
     if name not in EVALUATORS:
         raise UsageError(f"unknown evaluator {name!r}; use one of {', '.join(EVALUATORS)}")
     default = "cosine" if name == "paraphrase-mining" else model_similarity
@@ -725,7 +714,9 @@ def build_evaluator(name: str, *, pairs=None, retrieval: RetrievalData | None = 
             retrieval = retrieval_from_pairs(pairs, positive_threshold)
         elif pairs is not None:
             raise UsageError("give --evaluator retrieval either --pairs or --queries/--corpus/--qrels, not both")
-        return RetrievalEvaluator(retrieval, fns[0])
+        return RetrievalEvaluator(retrieval, fns[0], precision)
+    if precision != "float32":
+        raise UsageError(f"--precision is for --evaluator retrieval (the corpus's precision), not {name}")
     if pairs is None:
         raise UsageError(f"--evaluator {name} needs --pairs")
     if name == "similarity":
