@@ -7,6 +7,8 @@ reference recipe.
         --output-dir runs/quora
 
 Run the same command again with the same --output-dir to resume from the last checkpoint.
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop it after the step in flight with a checkpoint of that step,
+exit status 75 (README, "Preemptible machines"); a second Ctrl-C stops at once.
 OUTPUT gets: metrics.jsonl, config.json, training.png, checkpoints/, and model/ (a
 sentence-transformers model folder with a README.md model card).
 
@@ -25,6 +27,7 @@ import sys
 
 from minilm_jax import distributed
 from minilm_jax.errors import UsageError, cli_main
+from minilm_jax.preemption import StopSignals
 
 
 class _Parser(argparse.ArgumentParser):
@@ -132,6 +135,9 @@ def main(argv=None):
     if several.enabled and not distributed.is_worker():
         # The training runs in a child process, so that a lost peer ends it with one error line (see distributed.py).
         return distributed.supervise([sys.executable, os.path.abspath(__file__), *argv], several)
+    # From here on SIGTERM, SIGINT and SIGUSR1 stop the run at the next step every process agrees on, with a
+    # checkpoint, and exit status 75 (preemption.py); before the first step nothing is lost.
+    signals = StopSignals(exit_at_once=True, one_process=not several.enabled).install()
     args = vars(build_parser().parse_args(argv))
     from minilm_jax.host_memory import keep_step_memory
 
@@ -149,7 +155,7 @@ def main(argv=None):
 
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
-        result = train_and_evaluate(cfg, progress=progress)
+        result = train_and_evaluate(cfg, progress=progress, signals=signals)
     print(json.dumps({"output_dir": cfg.output_dir, "model": f"{cfg.output_dir}/model", **result}))
 
 
