@@ -56,9 +56,12 @@ class StopSignals:
         self._sigint = False
         self._previous: dict = {}
 
-    def install(self) -> StopSignals:
+    def install(self, pending: list[int] = ()) -> StopSignals:
+        """`pending`: signals that came before (train.py keeps those of its imports), answered now."""
         if threading.current_thread() is threading.main_thread() and not self._previous:
             self._previous = {s: signal.signal(s, self._handle) for s in SIGNALS}
+        for signum in list(pending):
+            self._handle(signum, None)
         return self
 
     def _handle(self, signum: int, _frame) -> None:
@@ -88,6 +91,20 @@ class StopSignals:
 
     def __exit__(self, *exc) -> None:
         self.restore()
+
+
+def leave(stopped: BaseException) -> None:
+    """End a command line stopped by a signal (errors.Stopped): its line, and exit STOPPED_EXIT now. The
+    checkpoint is complete; background threads (a program still compiling) are not waited for, which
+    an ordinary exit would do. Several processes first leave jax's distributed runtime together (they
+    stopped at the same step), so that none sees the coordinator vanish."""
+    if "jax" in sys.modules:
+        import jax
+        from jax._src import distributed as jax_distributed
+
+        if jax_distributed.global_state.client is not None:
+            jax.distributed.shutdown()
+    _leave(f"stopped: {stopped}", STOPPED_EXIT)
 
 
 def _leave(line: str, status: int) -> None:

@@ -350,7 +350,7 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
     # table the data uses: compile them while the rest of the run is prepared.
     # Two threads: the general program (which the first steps of a run usually need, see
     # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
-    compiler = AheadOfTime(threads=2)
+    compiler, stopped = AheadOfTime(threads=2), False
     try:
         run_data = load_run_data(cfg, spec.loss)
         steps = _plan_steps(cfg, run_data, model, spec.loss)
@@ -373,8 +373,11 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
         finally:
             if lock is not None:
                 lock.release()
+    except Stopped:
+        stopped = True  # a program still compiling (the general one, the evaluation's) is not needed
+        raise
     finally:
-        compiler.close()
+        compiler.close(wait=not stopped)
 
 
 def _lock_output(out: Path) -> OutputLock | None:
