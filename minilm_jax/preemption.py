@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 STOPPED_EXIT = 75  # sysexits.h EX_TEMPFAIL: "a temporary failure; the user is invited to retry"
 INTERRUPTED_EXIT = 130  # 128 + SIGINT, as a shell reports a Ctrl-C
@@ -142,6 +143,19 @@ class StopAgreement:
             else:
                 self._exchange(boundary, write=True)
         return self.at is not None and boundary >= self.at
+
+    def while_waiting(self, ready) -> bool:
+        """Wait until ready() (a program compiling in the background); on a single process, a stop signal
+        meanwhile ends the wait and the training here: True. Several processes wait for the program
+        (they all need it for the same dispatch) and stop at their next agreed boundary."""
+        if self.client is not None:
+            return False
+        while not ready():
+            if self.signals.received:
+                self.cause = f"received {self.signals.received}"
+                return True
+            time.sleep(0.05)
+        return False
 
     def _exchange(self, boundary: int, write: bool) -> None:
         import jax

@@ -596,6 +596,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
             programs.check(dispatch)
             if not programs.compiler.ready(dispatch.program):
                 log.pause()  # waiting for a compile is not training time
+                programs.prepare(dispatch.program)
+                if stop.while_waiting(lambda: programs.compiler.ready(dispatch.program)):
+                    stopped_at = done  # a compile can take a minute: not worth waiting for
+                    break
                 step_fn = programs.get(dispatch.program)
                 log.resume()
             else:
@@ -646,8 +650,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         where = (f"the checkpoint of step {latest} is in {out / 'checkpoints'} (complete {seconds:.1f} s after the "
                  "stop)" if latest else "no checkpoint yet (the run had not trained a step)")
         again = ("run the same command on every host again" if jax.process_count() > 1 else "run the same command again")
-        raise Stopped(f"{stop.cause} at step {stopped_at} of {total_steps}: {where}; {again} to resume "
-                      f"from step {latest or 0}")
+        raise Stopped(f"{stop.cause} at step {stopped_at} of {total_steps}: {where}; {again} to "
+                      + (f"resume from step {latest}" if latest else "start"))
     # The last checkpoint is written in the background while the model is evaluated and exported
     # (a kill before it is complete leaves the one before it, which a rerun resumes from).
     try:
