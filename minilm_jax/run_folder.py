@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 from pathlib import Path
@@ -149,6 +150,12 @@ class Checkpoints:
 
             self._ocp = ocp
             logging.getLogger("absl").addFilter(_reraised_by_orbax)
+            _quiet_orphaned_writes()
+            if jax.process_index() == 0 and self.folder.is_dir():
+                # What a process killed while writing left (kill -9, a second Ctrl-C): orbax removes such a
+                # folder only when it writes the same step again. The run holds the output folder's lock.
+                for stale in self.folder.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             self._manager = ocp.CheckpointManager(
                 self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
         return self._manager
@@ -222,3 +229,19 @@ def _reraised_by_orbax(record: logging.LogRecord) -> bool:
     """Drop orbax's logs of a failed background write (an error with its traceback, three times over): the
     error reaches `Checkpoints.wait`, which raises it as one line."""
     return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
+
+
+def _quiet_orphaned_writes() -> None:
+    """After a failed checkpoint write (a full disk), the writes of its other arrays still finish in
+    tensorstore's threads and report to orbax's event loop, which the failure closed: each is an
+    unraisable "RuntimeError: Event loop is closed" that Python prints with a traceback (up to a hundred,
+    around the run's one error line; `Checkpoints` raises the failure itself). Those, and only those,
+    are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
