@@ -7,6 +7,8 @@ reference recipe.
         --output-dir runs/quora
 
 Run the same command again with the same --output-dir to resume from the last checkpoint.
+SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop it after the step in flight with a checkpoint of that step,
+exit status 75 (README, "Preemptible machines"); a second Ctrl-C stops at once.
 OUTPUT gets: metrics.jsonl, config.json, training.png, checkpoints/, and model/ (a
 sentence-transformers model folder with a README.md model card).
 
@@ -21,10 +23,18 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 
-from minilm_jax import distributed
-from minilm_jax.errors import UsageError, cli_main
+# Stop signals that come while the library is imported (jax takes seconds) are kept, and answered in main()
+# once preemption.StopSignals is installed: no signal in the first moments of a run goes unanswered.
+EARLY_SIGNALS: list[int] = []
+for _signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    signal.signal(_signum, lambda signum, _frame: EARLY_SIGNALS.append(signum))
+
+from minilm_jax import distributed  # noqa: E402
+from minilm_jax import preemption  # noqa: E402
+from minilm_jax.errors import Stopped, UsageError, cli_main  # noqa: E402
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +144,15 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
     several = distributed.parse_options(argv)  # usage errors of these options, before anything starts
     if several.enabled and not distributed.is_worker():
+        if EARLY_SIGNALS:
+            print(f"stopped: received {signal.Signals(EARLY_SIGNALS[0]).name} before training began, nothing to save; "
+                  "run the same command again to start", file=sys.stderr)
+            return preemption.STOPPED_EXIT
         # The training runs in a child process, so that a lost peer ends it with one error line (see distributed.py).
         return distributed.supervise([sys.executable, os.path.abspath(__file__), *argv], several)
+    # From here on SIGTERM, SIGINT and SIGUSR1 stop the run at the next step every process agrees on, with a
+    # checkpoint, and exit status 75 (preemption.py); before the first step nothing is lost.
+    signals = preemption.StopSignals(exit_at_once=True, one_process=not several.enabled).install(EARLY_SIGNALS)
     args = vars(build_parser().parse_args(argv))
     from minilm_jax.host_memory import keep_step_memory
 
@@ -153,7 +170,10 @@ def main(argv=None):
 
         names = {f.name for f in dataclasses.fields(TrainConfig)}
         cfg = TrainConfig(**{k: v for k, v in args.items() if k in names})
-        result = train_and_evaluate(cfg, progress=progress)
+        try:
+            result = train_and_evaluate(cfg, progress=progress, signals=signals)
+        except Stopped as stopped:
+            preemption.leave(stopped)
     print(json.dumps({"output_dir": cfg.output_dir, "model": f"{cfg.output_dir}/model", **result}))
 
 

@@ -107,5 +107,6 @@ class AheadOfTime:
                           evaluation_programs=sum(n for _, n in self.warm_ups))
         return report
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+    def close(self, wait: bool = True) -> None:
+        """wait=False: leave a compile in progress to its thread (a run that stops does not need it)."""
+        self._pool.shutdown(wait=wait, cancel_futures=True)

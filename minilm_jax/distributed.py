@@ -45,7 +45,7 @@ import time
 import traceback
 from typing import Iterator, Sequence
 
-from minilm_jax.errors import UsageError, UserError, user_facing
+from minilm_jax.errors import UsageError, UserError, label, user_facing
 
 DEFAULT_INIT_TIMEOUT = 300  # jax's default: the hosts of a pod slice can start minutes apart
 DEFAULT_HEARTBEAT_TIMEOUT = 100  # jax's default
@@ -187,6 +187,9 @@ def initialize(options: Options) -> None:
         # Explicit flags mean exactly that: no cluster detection (on SLURM it would also pick one GPU per process).
         kwargs.update(coordinator_address=options.coordinator_address, num_processes=options.num_processes,
                       process_id=options.process_id, cluster_detection_method="deactivate")
+    # jax's preemption service catches SIGTERM in C++ for `reached_preemption_sync_point`; train.py's
+    # own stop signals (preemption.py) replace it, for SIGINT and SIGUSR1 too.
+    jax.config.update("jax_enable_preemption_service", False)
     global _ACTIVE
     if options.coordinator_address is not None and options.process_id == 0:
         _check_coordinator_port(options.coordinator_address)
@@ -209,6 +212,12 @@ def initialize(options: Options) -> None:
         with open(info, "w", encoding="utf-8") as f:
             json.dump({"process_id": jax.process_index(), "num_processes": jax.process_count(),
                        "coordinator_address": address or options.coordinator_address}, f)
+
+
+def barrier_seconds() -> int:
+    """How long a process waits at a barrier of its own for the others: --init-timeout (they are at most
+    a dispatch apart; a lost one ends every process within --heartbeat-timeout anyway)."""
+    return (_ACTIVE or Options()).init_seconds
 
 
 def _port_taken_message(address: str | None) -> str:
@@ -265,11 +274,11 @@ def _first_line(text: str, limit: int = 200) -> str:
     return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
-def _leave(message: str | None, code: int) -> None:
+def _leave(message: str | None, code: int, word: str = "error") -> None:
     """Print one `error:` line (or nothing) and end the process now, without jax's atexit shutdown
     barrier, which would wait for the lost process until the heartbeat timeout and then abort."""
     if message is not None:
-        print(f"error: {message}", file=sys.stderr)
+        print(f"{word}: {message}", file=sys.stderr)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -307,18 +316,20 @@ def exit_on_peer_failure(exc: BaseException, options: Options | None = None) -> 
 @contextlib.contextmanager
 def failures_reported(options: Options) -> Iterator[None]:
     """Around the work of a multi-process run (no-op for a single process): any failure ends this process at
-    once, with one `error:` line (a traceback for a bug), so that it never waits for peers at exit."""
+    once, with one `error:` line (a traceback for a bug), so that it never waits for peers at exit; except
+    one that every process raises alike (`every_process`: a stop, a refused output folder), which ends
+    them all normally."""
     if not options.enabled:
         yield
         return
     try:
         yield
-    except SystemExit:
-        raise
     except BaseException as e:  # noqa: BLE001 - every path must leave without jax's shutdown barrier
+        if isinstance(e, SystemExit) or getattr(e, "every_process", False):
+            raise  # every process ends here alike (stopped at the same step): a normal exit, with jax's shutdown
         said = user_facing(e)
         if said is not None:
-            _leave(*said)
+            _leave(*said, label(e))
         exit_on_peer_failure(e, options)
         traceback.print_exc()
         _leave(None, 1)
@@ -457,6 +468,9 @@ def _die_with_parent(parent: int):
             pass
         if os.getppid() != parent:  # the supervisor died before prctl
             os._exit(1)
+        # A process group of its own: a Ctrl-C at the terminal reaches the supervisor only, which passes
+        # it on once (the training process stops at once on a second SIGINT).
+        os.setpgid(0, 0)
 
     return preexec
 
@@ -466,7 +480,8 @@ def supervise(command: Sequence[str], options: Options) -> int:
 
     Its stdout and stdin are this process's. Its stderr passes through, except a LOG(FATAL) of the
     coordination service, which becomes one `error:` line and exit status 1 (see the module docstring).
-    SIGTERM and SIGHUP are passed on; SIGINT reaches both from the terminal, so it is ignored here.
+    SIGTERM, SIGINT, SIGUSR1 and SIGHUP are passed on (the stop signals of preemption.py; the training
+    process is in a process group of its own, so that a terminal's Ctrl-C reaches it once).
     """
     import tempfile
 
@@ -479,8 +494,7 @@ def supervise(command: Sequence[str], options: Options) -> int:
         with contextlib.suppress(ProcessLookupError):
             proc.send_signal(signum)
 
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)}
     out = _StderrFilter(sys.stderr.buffer)
     stream = proc.stderr.fileno()
     try:

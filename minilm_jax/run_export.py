@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from minilm_jax import checkpoint_io
-from minilm_jax.run_folder import read_metrics
+from minilm_jax.run_folder import read_metrics, write_failed
 
 if TYPE_CHECKING:
     from minilm_jax.train_lib import RunData, TrainConfig
@@ -36,10 +36,16 @@ def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, fi
 
     records = read_metrics(out / "metrics.jsonl", total_steps)
     eval_keys = [f"eval_{evaluator.primary_metric}" for evaluator, _ in final_eval]
-    plot_training(records, str(out / "training.png"), eval_keys or ("eval_spearman_cosine",), loss.name)
+    try:
+        plot_training(records, str(out / "training.png"), eval_keys or ("eval_spearman_cosine",), loss.name)
+    except OSError as e:
+        raise write_failed(e, out / "training.png", "training.png (the previous one is kept)") from None
     card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices, loss))
-    checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
-                                             extra_files={"README.md": card})
+    try:
+        checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
+                                                 extra_files={"README.md": card})
+    except OSError as e:  # written to a temporary folder: an earlier export is still whole
+        raise write_failed(e, out / "model", "the model folder (an earlier export is kept as it was)") from None
 
 
 DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"

@@ -6,12 +6,18 @@ Bookkeeping only: nothing here knows the model or the train step.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import importlib
 import json
+import logging
 import os
+import re
+import shutil
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +56,21 @@ class OutputLock:
 
 def write_text_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise write_failed(e, path, f"{path.name} (the previous one is kept)") from None
+
+
+def write_failed(e: OSError, path: Path, what: str) -> OSError:
+    """`e` (a full disk, a read-only folder) as an OSError that says what could not be written and names
+    `path`, which errors.cli_main prints: "error: could not write WHAT: No space left on device (PATH); ..."."""
+    return OSError(e.errno, f"could not write {what}: {e.strerror or e}", str(path))
 
 
 def check_output_dir(folder: Path) -> None:
@@ -124,6 +140,8 @@ class Checkpoints:
     def __init__(self, folder: Path, keep: int):
         self.folder, self.keep = folder.absolute(), keep
         self._manager = None
+        self._writing: int | None = None  # the step of the save in flight
+        self.write_seconds: float | None = None  # the latest complete checkpoint's, from save() to complete
 
     @property
     def manager(self):
@@ -131,6 +149,13 @@ class Checkpoints:
             import orbax.checkpoint as ocp
 
             self._ocp = ocp
+            logging.getLogger("absl").addFilter(_reraised_by_orbax)
+            _quiet_orphaned_writes()
+            if jax.process_index() == 0 and self.folder.is_dir():
+                # What a process killed while writing left (kill -9, a second Ctrl-C): orbax removes such a
+                # folder only when it writes the same step again. The run holds the output folder's lock.
+                for stale in self.folder.glob("*.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(stale, ignore_errors=True)
             self._manager = ocp.CheckpointManager(
                 self.folder, options=ocp.CheckpointManagerOptions(max_to_keep=self.keep, create=True))
         return self._manager
@@ -148,7 +173,10 @@ class Checkpoints:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
-        self.manager.save(step, args=self._ocp.args.StandardSave(state))
+        self.wait()  # a failure of the previous save is reported as that step's
+        self._writing, self._began = step, time.perf_counter()
+        with self._write_failures():
+            self.manager.save(step, args=self._ocp.args.StandardSave(state))
 
     def restore(self, like: Any) -> Any:
         step = self.manager.latest_step()
@@ -163,8 +191,57 @@ class Checkpoints:
 
     def wait(self) -> None:
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            with self._write_failures():
+                self._manager.wait_until_finished()
+            if self._writing is not None:
+                self.write_seconds, self._writing = time.perf_counter() - self._began, None
+
+    @contextlib.contextmanager
+    def _write_failures(self):
+        """A checkpoint that cannot be written (a full disk, a read-only folder) is removed, so that the last
+        complete one stands and holds no space, and raised as an OSError naming its folder and the cause.
+        orbax reports it as tensorstore's ValueError ("RESOURCE_EXHAUSTED: ... [os_error_code='28']")."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - only I/O failures are turned into OSError; the rest re-raised
+            code = e.errno if isinstance(e, OSError) else None
+            m = re.search(r"os_error_code='?(\d+)", str(e))
+            if m:
+                code = int(m.group(1))
+            if code is None:
+                raise
+            step, self._writing = self._writing, None
+            if jax.process_index() == 0:  # the primary host writes the folder and its temporary name
+                for tmp in self.folder.glob(f"{step}.orbax-checkpoint-tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+            kept = max((int(p.name) for p in self.folder.iterdir() if p.name.isdigit()), default=None)
+            stands = f"the checkpoint of step {kept} stands" if kept is not None else "no earlier checkpoint exists"
+            raise OSError(code, f"could not write the checkpoint of step {step}: {os.strerror(code)}; it was "
+                          f"removed and {stands}: make room, then run the same command again to resume",
+                          str(self.folder / str(step))) from None
 
     def close(self) -> None:
         if self._manager is not None:
             self._manager.close()
+
+
+def _reraised_by_orbax(record: logging.LogRecord) -> bool:
+    """Drop orbax's logs of a failed background write (an error with its traceback, three times over): the
+    error reaches `Checkpoints.wait`, which raises it as one line."""
+    return not (record.levelno >= logging.ERROR and record.exc_info and "orbax" in record.pathname)
+
+
+def _quiet_orphaned_writes() -> None:
+    """After a failed checkpoint write (a full disk), the writes of its other arrays still finish in
+    tensorstore's threads and report to orbax's event loop, which the failure closed: each is an
+    unraisable "RuntimeError: Event loop is closed" that Python prints with a traceback (up to a hundred,
+    around the run's one error line; `Checkpoints` raises the failure itself). Those, and only those,
+    are dropped."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable) -> None:
+        if unraisable.exc_type is RuntimeError and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook

@@ -23,12 +23,13 @@ import optax
 from minilm_jax import data as data_lib, losses
 from minilm_jax.ahead_of_time import AheadOfTime
 from minilm_jax.embedding import compute_dtype
-from minilm_jax.errors import UsageError, UserError
+from minilm_jax.errors import Stopped, UsageError, UserError
 from minilm_jax.optimizer import AdamW
+from minilm_jax.preemption import StopAgreement, StopSignals
 from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 from minilm_jax.run_export import export_run
 from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
-                                   write_text_atomic)
+                                   write_failed, write_text_atomic)
 from minilm_jax.trained_rows import TrainedRows
 from minilm_jax.train_step import (StepSpec, TrainState, from_devices, init_host_state, init_state, step_program,
                                    to_devices)
@@ -363,9 +364,16 @@ def prepare_model(cfg: TrainConfig):
     return model
 
 
-def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
+def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSignals | None = None) -> dict:
     """Run (or resume) the training described by `cfg` in cfg.output_dir; export the model at the end.
-    Returns the final evaluation metrics (empty without eval data), and what compilation cost."""
+    Returns the final evaluation metrics (empty without eval data), and what compilation cost.
+
+    SIGTERM, SIGINT and SIGUSR1 stop the run after the dispatch in flight, with a checkpoint, by
+    raising errors.Stopped (preemption.py); `signals`: handlers already installed by the caller
+    (train.py installs them first thing), else they are installed here, in the main thread only."""
+    if signals is None:
+        with StopSignals() as own:
+            return train_and_evaluate(cfg, progress, own)
     cfg.validate()
     out = Path(cfg.output_dir).absolute()
     # Everything that can be wrong with the options, the model or the data fails here, before
@@ -383,7 +391,7 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
     # table the data uses: compile them while the rest of the run is prepared.
     # Two threads: the general program (which the first steps of a run usually need, see
     # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
-    compiler = AheadOfTime(threads=2)
+    compiler, stopped = AheadOfTime(threads=2), False
     try:
         run_data = load_run_data(cfg, spec.loss)
         steps = _plan_steps(cfg, run_data, model, spec.loss)
@@ -400,16 +408,44 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True) -> dict:
             programs.general_steps(0)
         evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
         out.mkdir(parents=True, exist_ok=True)
-        # On several hosts sharing one output folder, process 0 owns the folder; the others only
-        # take part in the checkpoints.
-        lock = OutputLock(out) if jax.process_index() == 0 else None
+        lock = _lock_output(out)
         try:
-            return _run(cfg, out, progress, model, run_data, steps, programs, evaluators)
+            return _run(cfg, out, progress, model, run_data, steps, programs, evaluators, signals)
         finally:
             if lock is not None:
                 lock.release()
+    except Stopped:
+        stopped = True  # a program still compiling (the general one, the evaluation's) is not needed
+        raise
     finally:
-        compiler.close()
+        compiler.close(wait=not stopped)
+
+
+def _lock_output(out: Path) -> OutputLock | None:
+    """On several hosts sharing one output folder, process 0 owns the folder (the others only take part in
+    the checkpoints): it takes the lock, and every process learns whether it could, at a barrier, so that
+    each one ends with the same error line rather than as a lost peer of process 0."""
+    if jax.process_count() == 1:
+        return OutputLock(out)
+    from jax._src import distributed as jax_distributed  # the runtime client: no public accessor
+
+    from minilm_jax.distributed import barrier_seconds
+
+    client, key = jax_distributed.global_state.client, "minilm_jax/output_lock"
+    lock, refused = None, ""
+    if jax.process_index() == 0:
+        try:
+            lock = OutputLock(out)
+        except UserError as e:
+            refused = str(e)
+        client.key_value_set(key, "refused " + refused if refused else "locked")
+    answer = client.blocking_key_value_get(key, barrier_seconds() * 1000)
+    client.wait_at_barrier(key, barrier_seconds() * 1000)  # process 0 leaves only after every process has read it
+    if answer.startswith("refused "):
+        refused = UserError(answer.removeprefix("refused "))
+        refused.every_process = True
+        raise refused
+    return lock
 
 
 class TrainPrograms:
@@ -518,7 +554,7 @@ def build_evaluators(cfg: TrainConfig, run_data: RunData, model_similarity: str 
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, steps: _PlannedSteps,
-         programs: TrainPrograms, evaluators: list) -> dict:
+         programs: TrainPrograms, evaluators: list, signals: StopSignals) -> dict:
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -569,6 +605,9 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     groups = data_lib.prefetch(data_lib.dispatch_groups(
         rows.renumber(train_tokens), layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
     pending = None
+    stop = StopAgreement.for_run(signals)
+    stopped_at = None  # the step a stop signal ended the training at
+    done = saved = start_step  # steps dispatched; the step of the latest checkpoint (or the run's start)
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
@@ -589,12 +628,20 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     def crosses(first: int, n: int, every: int) -> bool:
         return every > 0 and (first + n) // every > first // every
 
+    signals.training_began()  # a stop signal from here on is answered with a checkpoint
     try:
-        for dispatch in groups:
+        for boundary, dispatch in enumerate(groups):
+            if stop.stop_here(boundary):
+                stopped_at = done
+                break
             first, n = dispatch.first, dispatch.n
             programs.check(dispatch)
             if not programs.compiler.ready(dispatch.program):
                 log.pause()  # waiting for a compile is not training time
+                programs.prepare(dispatch.program)
+                if stop.while_waiting(lambda: programs.compiler.ready(dispatch.program)):
+                    stopped_at = done  # a compile can take a minute: not worth waiting for
+                    break
                 step_fn = programs.get(dispatch.program)
                 log.resume()
             else:
@@ -608,7 +655,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 # asynchronous (not a single CPU device: host_memory.py).
                 settle(pending)
             pending = (first, n, metrics)
-            end = first + n
+            end = done = first + n
             epoch_end = plan.ends_epoch(first, n) or end == total_steps
             if crosses(first, n, cfg.eval_every) or epoch_end or crosses(first, n, cfg.checkpoint_every):
                 settle(pending)
@@ -618,10 +665,17 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                     last_eval = {end: evaluate(rows.full_params(from_devices(p_state.params, n_global), untrained))}
                     log.eval(end, plan.epoch_of(end), last_eval[end])
                 if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
+                    saved = end
                     checkpoints.save(rows.full_state(from_devices(p_state, n_global), untrained))
                 log.resume()
         if pending is not None:
             settle(pending)
+        groups.close()  # its batch thread, when a stop left batches unused
+        if stopped_at is None and stop.stop_after_loop(_barrier_seconds()):
+            stopped_at = done  # whose checkpoint the loop has started
+        if stopped_at is not None:
+            seconds = _stop_checkpoint(checkpoints, lambda: rows.full_state(from_devices(p_state, n_global), untrained),
+                                       stopped_at != saved)
     except BaseException as e:
         if isinstance(e, Exception) and jax.process_count() > 1:
             # a lost peer: stop now, before the wait below blocks on it
@@ -632,6 +686,14 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         raise
     finally:
         log.close()
+    if stopped_at is not None:
+        latest = checkpoints.latest_step()
+        checkpoints.close()
+        where = (f"the checkpoint of step {latest} is in {out / 'checkpoints'} (complete {seconds:.1f} s after the "
+                 "stop)" if latest else "no checkpoint yet (the run had not trained a step)")
+        again = ("run the same command on every host again" if jax.process_count() > 1 else "run the same command again")
+        raise Stopped(f"{stop.cause} at step {stopped_at} of {total_steps}: {where}; {again} to "
+                      + (f"resume from step {latest}" if latest else "start"))
     # The last checkpoint is written in the background while the model is evaluated and exported
     # (a kill before it is complete leaves the one before it, which a rerun resumes from).
     try:
@@ -645,6 +707,22 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         checkpoints.wait()
     checkpoints.close()
     return {**{k: v for _, metrics in final_eval for k, v in metrics.items()}, **run_report}
+
+
+def _barrier_seconds() -> int:
+    from minilm_jax import distributed
+
+    return distributed.barrier_seconds()
+
+
+def _stop_checkpoint(checkpoints: Checkpoints, state, write: bool) -> float:
+    """Write the checkpoint of `state()` if `write` (not when the run resumed at this step or the loop
+    has started its checkpoint), and wait until every checkpoint is complete; the seconds it took."""
+    began = time.perf_counter()
+    if write:
+        checkpoints.save(state())
+    checkpoints.wait()
+    return time.perf_counter() - began
 
 
 class _Logger:
@@ -715,9 +793,12 @@ class _Logger:
     def write(self, record: dict) -> None:
         if self.path is None:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+        except OSError as e:  # a line cut short is skipped by read_metrics when the run resumes
+            raise write_failed(e, self.path, f"the record of step {record['step']} to metrics.jsonl") from None
 
     def close(self) -> None:
         if self.bar is not None:
