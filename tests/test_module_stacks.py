@@ -204,7 +204,7 @@ N_PAIRS = 8
 
 
 def _st_gradients(st, loss_name, columns, labels, prompts):
-    import sentence_transformers.losses as st_losses
+    from sentence_transformers.sentence_transformer import losses as st_losses
     import torch
 
     st.zero_grad(set_to_none=True)
