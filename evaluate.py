@@ -30,6 +30,7 @@ import sys
 import time
 
 from minilm_jax.errors import UsageError, cli_main
+from minilm_jax.quantize import PRECISIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -60,8 +61,7 @@ def parse_args(argv=None):
                    "all-MiniLM-L6-v2; paraphrase-mining: cosine)")
     p.add_argument("--batch-size", type=int, default=32, help="default: %(default)s")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="matmul dtype; default: %(default)s")
-    p.add_argument("--precision", default="float32",
-                   choices=["float32", "float16", "int8", "uint8", "binary", "ubinary"],
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="retrieval: the corpus embeddings at this precision (quantize_embeddings; int8/uint8 ranges "
                    "from the corpus), searched with rescoring as search.py does (default: %(default)s)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")

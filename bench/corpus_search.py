@@ -31,9 +31,9 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 
 import common  # noqa: E402
+from minilm_jax.quantize import PRECISIONS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 
 
 def load() -> list[str]:
