@@ -45,13 +45,26 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     from minilm_jax.evaluators import EVALUATORS
     from minilm_jax.losses import BY_NAME
-    from minilm_jax.train_lib import BATCH_SAMPLERS, TrainConfig
+    from minilm_jax.train_config import BATCH_SAMPLERS, MULTI_DATASET_SAMPLERS, TrainConfig
 
     d = TrainConfig()
     p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--train-file", help="training pairs: .tsv, .csv, .jsonl or .parquet (columns sentence1, "
-                   "sentence2, score; labels in [0, 1])")
+    g.add_argument("--train-file", nargs="+", default=[], metavar="[NAME=]PATH",
+                   help="training pairs: .tsv, .csv, .jsonl (each also .gz) or .parquet files, or glob patterns "
+                   "(quoted), read as a stream (columns sentence1, sentence2, score). Several datasets: NAME=PATH "
+                   "for each file (each batch comes from one dataset; see --multi-dataset-sampler)")
+    g.add_argument("--data-config", help="a JSON file of named datasets, each with its files, columns, weight and "
+                   "loss (README, 'Several datasets'), instead of --train-file")
+    g.add_argument("--dataset-weight", action="append", default=[], metavar="NAME=WEIGHT",
+                   help="a dataset's weight for --multi-dataset-sampler weighted (repeatable; default 1)")
+    g.add_argument("--multi-dataset-sampler", default=d.multi_dataset_sampler, choices=MULTI_DATASET_SAMPLERS,
+                   help="how several datasets share the steps, each batch from one dataset: proportional (every "
+                   "row once per epoch), round-robin (in turn, the epoch ends with the smallest) or weighted (each "
+                   "step draws its dataset by weight) (default: %(default)s)")
+    g.add_argument("--shuffle-window", type=int, default=d.shuffle_window,
+                   help="rows shuffled together: each device reads its share of the data this many rows at a "
+                   "time and shuffles them; memory grows with it, not with the data (default: %(default)s)")
     g.add_argument("--eval-file", help="evaluation pairs, same format; evaluated each epoch and every --eval-every steps")
     g.add_argument("--evaluator", nargs="+", default=list(d.evaluator), choices=EVALUATORS, metavar="NAME",
                    help=f"what to evaluate on the eval pairs, one or more of {', '.join(EVALUATORS)}: "

@@ -60,7 +60,9 @@ def render_model_card(run: dict) -> str:
       hyperparameters, default_hyperparameters;
       log [{epoch, step, loss | None, evals {"<dataset>_<metric>": value}}];
       versions {python, minilm_jax, jax, flax, optax, tokenizers, datasets}.
-    `stats` are token counts over the whole training set (the card says so).
+    `stats` are token counts over the first `stats_rows` rows the run took (sentence-transformers' cards
+    take the first 1,000 rows too); `size` is None where the rows were not counted (a run of
+    --max-steps over streamed data).
     """
     sections = [
         _front_matter(run),
@@ -210,7 +212,8 @@ def _front_matter(run: dict) -> str:
     """The YAML metadata, in the order sentence-transformers' cards have it."""
     loss = run["loss"]["name"]
     tags = ["sentence-transformers", "sentence-similarity", "feature-extraction", "generated_from_trainer",
-            f"dataset_size:{run['train_dataset']['size']}", f"loss:{loss}"]
+            *([f"dataset_size:{run['train_dataset']['size']}"] if run["train_dataset"]["size"] else []),
+            f"loss:{loss}"]
     lines = ["---", *_yaml_list("tags", tags)]
     # The Hub rejects a base_model or dataset that is not a repository id: local names are left out.
     if run["base_model"]["id"] and is_hub_id(run["base_model"]["id"]):
@@ -435,11 +438,12 @@ def _training_dataset(run: dict) -> str:
         "### Training Dataset\n\n",
         f"#### {short_name(dataset['name'])}\n\n",
         f"* Dataset: {_dataset_markdown(dataset)}\n",
-        f"* Size: {size:,} training samples\n",
+        f"* Size: {size:,} training samples\n" if size else "* Size: not counted (streamed, trained for a number of steps)\n",
         f"* Columns: {_columns_phrase(dataset['columns'])}\n",
-        f"* Approximate statistics based on all {size:,} samples:\n",
-        _indent(_stats_table(dataset)) + "\n",
     ]
+    if dataset["stats"]:
+        parts += [f"* Approximate statistics based on the first {dataset.get('stats_rows') or size:,} samples:\n",
+                  _indent(_stats_table(dataset)) + "\n"]
     if dataset["samples"]:
         parts += ["* Samples:\n", _indent(_samples_table(dataset)) + "\n"]
     parts.append(_loss_markdown(run["loss"]))

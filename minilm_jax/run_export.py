@@ -19,7 +19,8 @@ from minilm_jax import checkpoint_io
 from minilm_jax.run_folder import read_metrics, write_failed
 
 if TYPE_CHECKING:
-    from minilm_jax.train_lib import RunData, TrainConfig
+    from minilm_jax.input import RunData
+    from minilm_jax.train_config import TrainConfig
 
 
 def token_stats(ids: list) -> dict:
@@ -28,9 +29,11 @@ def token_stats(ids: list) -> dict:
 
 
 
-def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, final_eval: list, total_steps: int,
-               n_devices: int, loss) -> None:
-    """final_eval: [(evaluator, metrics)] of the last evaluation; loss: the run's losses.* loss."""
+def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, samples: list, final_eval: list,
+               total_steps: int, n_devices: int, loss) -> None:
+    """samples: per dataset, the first rows (texts..., score) the run took (the card's statistics and
+    examples come from those of the first dataset, as sentence-transformers' card takes its first 1,000
+    rows); final_eval: [(evaluator, metrics)] of the last evaluation; loss: the first dataset's loss."""
     from minilm_jax.model_card import render_model_card
     from minilm_jax.plot import plot_training
 
@@ -40,7 +43,7 @@ def export_run(cfg: TrainConfig, out: Path, model, run_data: RunData, tokens, fi
         plot_training(records, str(out / "training.png"), eval_keys or ("eval_spearman_cosine",), loss.name)
     except OSError as e:
         raise write_failed(e, out / "training.png", "training.png (the previous one is kept)") from None
-    card = render_model_card(run_summary(cfg, model, run_data, tokens, records, final_eval, n_devices, loss))
+    card = render_model_card(run_summary(cfg, model, run_data, samples, records, final_eval, n_devices, loss))
     try:
         checkpoint_io.save_sentence_transformers(model, str(out / "model"), overwrite=True,
                                                  extra_files={"README.md": card})
@@ -53,7 +56,7 @@ _HUB_CACHE = re.compile(r"(?:^|/)models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$")
 WIDGET_SOURCES, WIDGET_CANDIDATES, WIDGET_POOL = 3, 3, 1000
 
 
-def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: list, final_eval: list,
+def run_summary(cfg: TrainConfig, model, run_data: RunData, samples: list, records: list, final_eval: list,
                 n_devices: int, loss) -> dict:
     """Everything the model card shows about a run, as plain data (`model_card.render_model_card`
     documents each key). No absolute path goes in: local files and folders are named by their
@@ -90,9 +93,12 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
         for evaluator, _ in final_eval:
             if f"eval_{evaluator.primary_metric}" in r:
                 row["evals"][f"{eval_label}_{evaluator.primary_metric}"] = r[f"eval_{evaluator.primary_metric}"]
-    train = run_data.train
-    samples = [{"sentence1": train.sentence1[i], "sentence2": train.sentence2[i], "score": float(train.scores[i])}
-               for i in range(min(3, len(train)))]
+    from minilm_jax.pairs import Pairs
+
+    rows = samples[0] if samples and samples[0] else []
+    train = Pairs([r[0] for r in rows], [r[1] for r in rows], np.asarray([r[-1] for r in rows], np.float64))
+    examples = [{"sentence1": r[0], "sentence2": r[1], "score": float(r[-1])} for r in rows[:3]]
+    ids1, ids2 = (model.tokenizer.token_ids(train.sentence1), model.tokenizer.token_ids(train.sentence2)) if rows else ([], [])
     evaluations = [{"name": evaluator.st_class, "description": evaluator.display_name,
                     "implementation": f"minilm_jax.evaluators.{type(evaluator).__name__}", "dataset": eval_label,
                     "primary_metric": evaluator.primary_metric, "metrics": metrics}
@@ -103,12 +109,13 @@ def run_summary(cfg: TrainConfig, model, run_data: RunData, tokens, records: lis
         "do_lower_case": model.sentence.do_lower_case, "normalize": model.sentence.normalize,
         **module_stack_summary(model),
         "train_dataset": {
-            **train_data, "size": len(train),
+            **train_data, "size": run_data.rows(0),
             "columns": [cfg.sentence1_column, cfg.sentence2_column, cfg.score_column],
-            "stats": {"sentence1": token_stats(tokens.ids1), "sentence2": token_stats(tokens.ids2),
+            "stats": {"sentence1": token_stats(ids1), "sentence2": token_stats(ids2),
                       "score": {"min": float(train.scores.min()), "mean": float(train.scores.mean()),
-                                "max": float(train.scores.max())}},
-            "samples": samples},
+                                "max": float(train.scores.max())}} if rows else None,
+            "stats_rows": len(rows),
+            "samples": examples},
         "eval_dataset": {**eval_data, "size": len(run_data.eval)} if eval_data else None,
         "loss": {"name": loss.name, "parameters": loss.parameters()},
         "evaluations": evaluations,
@@ -135,10 +142,12 @@ def dataset_names(cfg: TrainConfig, run_data: RunData) -> tuple[dict, dict | Non
     """{name, id} of the training and the evaluation data: a local file by its file name only (its
     folder may be a private path), a hub dataset by its id (also given as `id`, for the card's
     `datasets:`)."""
-    if cfg.train_file:
-        train = {"name": Path(cfg.train_file).name, "id": None}
+    if cfg.train_file or cfg.data_config:
+        specs = [ds.spec for ds in run_data.datasets]
+        names = [Path(f).name for f in specs[0].files] if len(specs) == 1 else [s.name for s in specs]
+        train = {"name": ", ".join(names), "id": None}
     else:
-        from minilm_jax.train_lib import DEFAULT_DATASET, DEFAULT_DATASET_SUBSET
+        from minilm_jax.train_config import DEFAULT_DATASET, DEFAULT_DATASET_SUBSET
 
         hub_id = cfg.dataset or DEFAULT_DATASET
         subset = cfg.dataset_subset if cfg.dataset else DEFAULT_DATASET_SUBSET

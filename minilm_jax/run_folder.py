@@ -26,7 +26,7 @@ import jax
 from minilm_jax.errors import UsageError, UserError
 
 if TYPE_CHECKING:
-    from minilm_jax.train_lib import TrainConfig
+    from minilm_jax.train_config import TrainConfig
 
 
 class OutputLock:
@@ -130,8 +130,8 @@ def read_metrics(path: Path, up_to_step: int) -> list[dict]:
 # ----------------------------------------------------------------------------- checkpoints
 
 class Checkpoints:
-    """Orbax checkpoints of the whole TrainState. The data position and the dropout rng are
-    functions of the step, so the state is all a resumed run needs.
+    """Orbax checkpoints of the whole TrainState and of the input's position (the streams' state, JSON):
+    with the step (the dropout rng is a function of it), all a resumed run needs.
 
     orbax is imported and its manager made only when a checkpoint is read or written: importing it
     took 1 s alone and about 4 s at a run's start, where it competed with the programs' lowering
@@ -169,20 +169,30 @@ class Checkpoints:
             return None
         return self.manager.latest_step()
 
-    def save(self, state: Any) -> None:
+    def save(self, state: Any, input_state: dict) -> None:
         step = int(state.step)
         if step in self.manager.all_steps():
             return
         self.wait()  # a failure of the previous save is reported as that step's
         self._writing, self._began = step, time.perf_counter()
+        ocp = self._ocp
         with self._write_failures():
-            self.manager.save(step, args=self._ocp.args.StandardSave(state))
+            self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                            input=ocp.args.JsonSave(input_state)))
 
-    def restore(self, like: Any) -> Any:
+    def restore(self, like: Any) -> tuple[Any, dict]:
+        """(the TrainState, the input's state) of the latest checkpoint."""
         step = self.manager.latest_step()
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, like)
+        ocp = self._ocp
+        if not (self.folder / str(step) / "input").is_dir():
+            raise UserError(f"checkpoint {step} in {self.folder} holds no input position (it was written before "
+                            "minilm-jax 0.4 streamed its training data), so it cannot resume to the row; start again "
+                            "in a new --output-dir, or resume it with the version that wrote it")
         try:
-            return self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                          input=ocp.args.JsonRestore()))
+            return restored["state"], restored["input"]
         except ValueError as e:  # orbax: the saved tree is not this TrainState's
             raise UserError(
                 f"checkpoint {step} in {self.manager.directory} does not hold this version's training state "

@@ -1,140 +1,37 @@
 """Fine-tuning a sentence model, data-parallel over all devices with `jax.pmap` (plain `jax.jit`
-when there is only one): the configuration, the run's data, and the loop.
+when there is only one): the run's programs and the loop.
 
-The train step and its two compiled programs are in train_step.py; the run folder's bookkeeping
-(lock, config check, metrics, checkpoints) in run_folder.py; the export at the end in run_export.py.
+The settings are in train_config.py; the training input (datasets, streams, batches) in the input
+package, which the loop pulls device calls from; the train step and its two compiled programs in
+train_step.py; the run folder's bookkeeping (lock, config check, metrics, checkpoints) in
+run_folder.py; the export at the end in run_export.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from minilm_jax import data as data_lib, losses
+from minilm_jax import data as data_lib
 from minilm_jax.ahead_of_time import AheadOfTime
-from minilm_jax.embedding import compute_dtype
 from minilm_jax.errors import Stopped, UsageError, UserError
+from minilm_jax.input import RunData, open_run_data
+from minilm_jax.input.pipeline import InputPipeline, Prefetch
 from minilm_jax.optimizer import AdamW
 from minilm_jax.preemption import StopAgreement, StopSignals
-from minilm_jax.pairs import Columns, Pairs, load_hub_pairs, load_pairs
 from minilm_jax.run_export import export_run
 from minilm_jax.run_folder import (Checkpoints, OutputLock, check_output_dir, check_run_config, read_metrics,
                                    write_failed, write_text_atomic)
-from minilm_jax.trained_rows import TrainedRows
-from minilm_jax.train_step import (StepSpec, TrainState, from_devices, init_host_state, init_state, step_program,
-                                   to_devices)
-
-BATCH_SAMPLERS = ("auto", "shuffle", "no-duplicates")
-DEFAULT_DATASET = "sentence-transformers/quora-duplicates"
-DEFAULT_DATASET_SUBSET = "pair-class"
-
-
-# ----------------------------------------------------------------------------- configuration
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Every setting of a run; the defaults are the reference recipe."""
-
-    output_dir: str = "runs/quora"
-    model: str | None = None  # None: all-MiniLM-L6-v2
-    train_file: str | None = None
-    eval_file: str | None = None
-    dataset: str | None = None  # a hub dataset; None with no files: the reference's quora-duplicates
-    dataset_subset: str | None = None
-    eval_fraction: float = 0.1  # held out of a hub dataset that has a single split
-    sentence1_column: str = "sentence1"
-    sentence2_column: str = "sentence2"
-    score_column: str = "score"
-    score_scale: float = 1.0  # labels are divided by this (5 for 0-5 STS scores)
-    epochs: int = 2
-    max_steps: int = 0  # 0: epochs * steps per epoch
-    batch_size: int = 16  # global pairs per step, split over devices
-    learning_rate: float = 5e-5
-    warmup_steps: int = 0
-    weight_decay: float = 0.0  # optax's adamw default is 1e-4; the recipe uses 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
-    seed: int = 42
-    dropout: bool = True  # the config's dropout rates (0.1), active in training as in sentence-transformers
-    max_seq_length: int = 0  # 0: the model's (256)
-    dtype: str = "float32"
-    steps_per_dispatch: int = 1  # optimizer steps per device call (lax.scan), to cut per-step overhead
-    packed_tokens: int = 0  # tokens per device in the fast packed shape; 0: data.TOKENS_PER_SENTENCE per sentence
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 3
-    eval_every: int = 0  # 0: only at the end of each epoch
-    log_every: int = 100
-    eval_batch_size: int = 32
-    evaluator: tuple = ("similarity",)  # evaluators.EVALUATORS names, run on the eval data
-    loss: str = "CosineSimilarityLoss"  # a losses.BY_NAME name (sentence-transformers' class name)
-    loss_param: tuple = ()  # "NAME=VALUE" constructor parameters of the loss, sentence-transformers' names
-    mini_batch_size: int = 0  # Cached* losses: sentences per micro-batch; 0: the loss's default (32)
-    matryoshka_dims: tuple = ()  # wrap the loss in MatryoshkaLoss over these dimensions
-    negative_column: tuple = ()  # hard-negative text columns of the training data
-    positives_only: bool = False  # keep the label-1 rows of a 0/1 pair-class file (for in-batch negatives)
-    add_swapped: bool = False  # also train on every row swapped: (sentence2, sentence1)
-    batch_sampler: str = "auto"  # shuffle, no-duplicates; auto: no-duplicates for in-batch-negative losses
-    # sentence-transformers' `prompts` training argument: "TEXT" (every column) or "COLUMN=TEXT"
-    # entries; a model's prompt can be named as "COLUMN=@NAME" (or "@NAME")
-    prompt: tuple = ()
-
-    def __post_init__(self):
-        for name in ("evaluator", "loss_param", "matryoshka_dims", "negative_column", "prompt"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))  # a command line gives lists
-
-    def validate(self) -> None:
-        positive = ("epochs", "batch_size", "checkpoint_every", "keep_checkpoints", "log_every",
-                    "eval_batch_size", "steps_per_dispatch")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_steps", "warmup_steps", "eval_every", "max_seq_length", "packed_tokens"):
-            if getattr(self, name) < 0:
-                raise UsageError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(self, name)}")
-        if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
-            raise UsageError(f"--learning-rate must be a positive number, got {self.learning_rate}")
-        if self.weight_decay < 0 or self.max_grad_norm <= 0 or self.score_scale <= 0:
-            raise UsageError("--weight-decay must be >= 0, --max-grad-norm and --score-scale > 0")
-        if not 0 < self.eval_fraction < 1:
-            raise UsageError(f"--eval-fraction must be between 0 and 1, got {self.eval_fraction}")
-        if self.dataset and self.train_file:
-            raise UsageError("--dataset and --train-file both name the training data; give one of them")
-        if self.checkpoint_every % self.steps_per_dispatch:
-            raise UsageError(f"--checkpoint-every ({self.checkpoint_every}) must be a multiple of "
-                             f"--steps-per-dispatch ({self.steps_per_dispatch}) so that a resumed run replays "
-                             "the same dispatches")
-        compute_dtype(self.dtype)
-        from minilm_jax.evaluators import EVALUATORS
-
-        if self.batch_sampler not in BATCH_SAMPLERS:
-            raise UsageError(f"--batch-sampler must be one of {', '.join(BATCH_SAMPLERS)}, got {self.batch_sampler!r}")
-        if self.mini_batch_size < 0:
-            raise UsageError(f"--mini-batch-size must be 0 or more, got {self.mini_batch_size}")
-        build_loss(self)
-        unknown = [name for name in self.evaluator if name not in EVALUATORS]
-        if unknown or not self.evaluator or len(set(self.evaluator)) != len(self.evaluator):
-            raise UsageError(f"--evaluator takes distinct names of {', '.join(EVALUATORS)}; got {' '.join(self.evaluator)}")
-
-    def resumable_fields(self) -> dict:
-        """The settings that decide the result; a resumed run must not change them."""
-        skip = {"output_dir", "checkpoint_every", "keep_checkpoints", "log_every", "eval_every", "eval_batch_size",
-                "evaluator",
-                "eval_file"}
-        if not self.prompt:  # so that a run written before --prompt existed still resumes
-            skip.add("prompt")
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+from minilm_jax.train_config import (BATCH_SAMPLERS, DEFAULT_DATASET, DEFAULT_DATASET_SUBSET,  # noqa: F401 - the API
+                                     MULTI_DATASET_SAMPLERS, TrainConfig, build_loss, make_loss)
+from minilm_jax.train_step import StepSpec, TrainState, from_devices, init_host_state, init_state, step_program, to_devices
 
 
 # ----------------------------------------------------------------------------- optimizer and loss
@@ -177,17 +74,21 @@ def make_optimizer(cfg: TrainConfig) -> AdamW:
                  max_grad_norm=cfg.max_grad_norm)
 
 
-def step_spec(cfg: TrainConfig, model, n_devices: int) -> StepSpec:
-    """What the compiled train step depends on: all of it known from the options and the model."""
-    loss = build_loss(cfg)
-    shapes = data_lib.step_shapes(cfg.batch_size // n_devices, 2 + len(cfg.negative_column),
-                                  model.sentence.max_seq_length, cfg.packed_tokens,
-                                  mini_batch_size=getattr(loss, "mini_batch_size", None))
+def step_spec(cfg: TrainConfig, model, n_devices: int, loss=None, n_columns: int | None = None,
+              prompts: tuple[str, ...] = ()) -> StepSpec:
+    """What a compiled train step depends on: all of it known from the options and the model (and,
+    with several datasets, the loss and text columns of the datasets it runs)."""
+    loss = loss if loss is not None else build_loss(cfg)
+    n_columns = n_columns or 2 + len(cfg.negative_column)
+    shapes = data_lib.step_shapes(cfg.batch_size // n_devices, n_columns, model.sentence.max_seq_length,
+                                  cfg.packed_tokens, mini_batch_size=getattr(loss, "mini_batch_size", None))
+    if not prompts and n_columns == 2 + len(cfg.negative_column):
+        prompts = column_prompts(cfg, model)
     prompt_lengths = ()
-    if not model.sentence.include_prompt and any(column_prompts(cfg, model)):
+    if not model.sentence.include_prompt and any(prompts):
         from minilm_jax.encode import prompt_length
 
-        prompt_lengths = tuple(prompt_length(model, p) if p else 0 for p in column_prompts(cfg, model))
+        prompt_lengths = tuple(prompt_length(model, p) if p else 0 for p in prompts)
     return StepSpec(model.config, loss, shapes, cfg.dtype, cfg.dropout, head=model.sentence.head,
                     prompt_lengths=prompt_lengths)
 
@@ -197,16 +98,20 @@ def column_names(cfg: TrainConfig) -> tuple[str, ...]:
     return (cfg.sentence1_column, cfg.sentence2_column, *cfg.negative_column)
 
 
-def column_prompts(cfg: TrainConfig, model) -> tuple[str, ...]:
+def column_prompts(cfg: TrainConfig, model, names: tuple[str, ...] | None = None) -> tuple[str, ...]:
     """The prompt of each text column ("" for none), from --prompt: "TEXT" for every column,
-    "COLUMN=TEXT" for one; "@NAME" (or "COLUMN=@NAME") for the model's prompt NAME."""
-    names = column_names(cfg)
+    "COLUMN=TEXT" for one; "@NAME" (or "COLUMN=@NAME") for the model's prompt NAME. `names`: a
+    dataset's text columns (default: the command line's); a COLUMN another dataset has is skipped."""
+    every = names is None
+    names = column_names(cfg) if names is None else names
     out = ["" for _ in names]
     for entry in cfg.prompt:
         column, sep, text = entry.partition("=")
         if sep and column in names:
             targets = [names.index(column)]
         elif sep and column.isidentifier():
+            if not every:
+                continue
             raise UsageError(f"--prompt {entry!r}: {column!r} is not a text column of the training data "
                              f"({', '.join(names)}); write COLUMN=TEXT, or TEXT alone for every column")
         else:
@@ -222,124 +127,16 @@ def column_prompts(cfg: TrainConfig, model) -> tuple[str, ...]:
     return tuple(out)
 
 
-def batch_plan(cfg: TrainConfig, train: Pairs, loss) -> data_lib.BatchPlan:
-    """The rows of every step: shuffled, or with no text twice in a batch (sentence-transformers'
-    NO_DUPLICATES, for in-batch negatives, where a repeated text is a false negative)."""
-    from minilm_jax.sampler import text_ids
-
-    no_duplicates = cfg.batch_sampler == "no-duplicates" or (cfg.batch_sampler == "auto" and in_batch_negatives(loss))
-    return data_lib.BatchPlan(len(train), cfg.batch_size, cfg.seed,
-                              text_ids(train.columns()) if no_duplicates else None)
-
-
 def in_batch_negatives(loss) -> bool:
     """The MultipleNegatives losses: the other rows of the batch are the negatives (they take no
     scores)."""
     return not loss.needs_scores
 
 
-# ----------------------------------------------------------------------------- data
-
-@dataclasses.dataclass(frozen=True)
-class RunData:
-    train: Pairs
-    eval: Pairs | None
-    train_name: str
-    eval_name: str | None
-
-
-def load_run_data(cfg: TrainConfig, loss=None) -> RunData:
-    """The training rows (sentence1, sentence2, any --negative-column texts, scores as `loss`
-    needs them) and the evaluation pairs."""
-    loss = loss or build_loss(cfg)
-    eval_columns = Columns(cfg.sentence1_column, cfg.sentence2_column, cfg.score_column)
-    columns = dataclasses.replace(eval_columns, negatives=cfg.negative_column)
-    # CosineSimilarityLoss regresses cos(u, v) onto the label: it needs labels in [0, 1].
-    options = dict(unit_interval=isinstance(loss, losses.CosineSimilarityLoss), score_scale=cfg.score_scale,
-                   score_required=loss.needs_scores)
-    if cfg.train_file:
-        train = load_pairs(cfg.train_file, columns, **options, positives_only=cfg.positives_only,
-                           add_swapped=cfg.add_swapped)
-        train_name = cfg.train_file
-        eval_pairs = None
-    else:
-        name = cfg.dataset or DEFAULT_DATASET
-        subset = cfg.dataset_subset if cfg.dataset else DEFAULT_DATASET_SUBSET
-        if not cfg.dataset and cfg.score_column == "score":
-            # quora-duplicates pair-class names it 'label'
-            columns = dataclasses.replace(columns, score="label")
-            eval_columns = dataclasses.replace(eval_columns, score="label")
-        full = load_hub_pairs(name, subset, "train", columns, **{**options, "score_required": True})
-        order = np.random.default_rng(cfg.seed).permutation(len(full))
-        n_eval = int(round(len(full) * cfg.eval_fraction))
-        train, eval_pairs = full.select(order[n_eval:]), full.select(order[:n_eval])
-        train = _training_rows(train, cfg, f"{name} ({subset})" if subset else name)
-        train_name = f"{name}" + (f" ({subset})" if subset else "")
-    eval_name = None
-    if cfg.eval_file:
-        eval_pairs = load_pairs(cfg.eval_file, eval_columns, score_scale=cfg.score_scale)
-        eval_name = cfg.eval_file
-    elif eval_pairs is not None:
-        eval_name = f"{train_name} held-out {cfg.eval_fraction:.0%}"
-    losses.check_columns(loss, len(train.columns()))
-    return RunData(train, eval_pairs, train_name, eval_name)
-
-
-def _training_rows(pairs: Pairs, cfg: TrainConfig, source: str) -> Pairs:
-    """--positives-only and --add-swapped on rows already read (the hub's split is made first, so
-    that the held-out evaluation keeps both labels)."""
-    if cfg.positives_only:
-        labels = set(np.unique(pairs.scores).tolist())
-        if not labels <= {0.0, 1.0} or 1.0 not in labels:
-            raise UserError(f"--positives-only keeps the rows labelled 1 of a 0/1 pair-class dataset; {source} has "
-                            f"labels {sorted(labels)[:5]}")
-        pairs = pairs.select(np.flatnonzero(pairs.scores == 1.0))
-    return pairs.swapped() if cfg.add_swapped else pairs
-
-
-def build_loss(cfg: TrainConfig):
-    """The losses.* loss of --loss, with --loss-param, --mini-batch-size and --matryoshka-dims."""
-    cls = losses.BY_NAME.get(cfg.loss)
-    if cls is None or cls is losses.MatryoshkaLoss:
-        names = [n for n in losses.BY_NAME if n != "MatryoshkaLoss"]
-        raise UsageError(f"--loss {cfg.loss!r} is not one of {', '.join(names)} (MatryoshkaLoss: add "
-                         "--matryoshka-dims to any of them)")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    params = {}
-    for item in cfg.loss_param:
-        key, sep, value = item.partition("=")
-        if not sep or key not in fields or key == "mini_batch_size":
-            known = ", ".join(k for k in fields if k != "mini_batch_size") or "none"
-            raise UsageError(f"--loss-param {item!r}: give NAME=VALUE with a parameter of {cls.name} ({known})")
-        params[key] = _parse_param(cls.name, key, value, fields[key].default)
-    if cfg.mini_batch_size:
-        if "mini_batch_size" not in fields:
-            raise UsageError(f"--mini-batch-size is for the Cached* losses (GradCache), not {cls.name}")
-        params["mini_batch_size"] = cfg.mini_batch_size
-    try:
-        loss = cls(**params)
-        if cfg.matryoshka_dims:
-            loss = losses.MatryoshkaLoss(loss, cfg.matryoshka_dims)
-        losses.check_columns(loss, 2 + len(cfg.negative_column))
-    except UserError as e:  # a loss's settings are options: a usage error
-        raise UsageError(str(e)) from None
-    return loss
-
-
-def _parse_param(loss_name: str, key: str, value: str, default):
-    try:
-        if isinstance(default, bool):
-            if value.lower() not in ("true", "false"):
-                raise ValueError
-            return value.lower() == "true"
-        if isinstance(default, (int, float)):
-            return type(default)(value)
-        if isinstance(default, tuple):
-            return tuple(v.strip() for v in value.split(",") if v.strip())
-        return None if value.lower() == "none" else value
-    except ValueError:
-        raise UsageError(f"--loss-param {key}={value}: {loss_name}'s {key} takes a {type(default).__name__} "
-                         f"(default {default!r})") from None
+def uses_no_duplicates(cfg: TrainConfig, loss) -> bool:
+    """No text twice in a batch (sentence-transformers' NO_DUPLICATES): for in-batch negatives, where
+    a repeated text is a false negative."""
+    return cfg.batch_sampler == "no-duplicates" or (cfg.batch_sampler == "auto" and in_batch_negatives(loss))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -379,38 +176,34 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
     # Everything that can be wrong with the options, the model or the data fails here, before
     # OUTPUT is created or touched: a failed start leaves no folder behind.
     check_output_dir(out)
-    n_global = jax.device_count()
+    n_global, n_local = jax.device_count(), jax.local_device_count()
     if cfg.batch_size % n_global:
         raise UsageError(f"--batch-size {cfg.batch_size} is not a multiple of the {n_global} devices; "
                          f"use a multiple of {n_global}")
     if out.is_dir():
         check_run_config(out, cfg, write=False)
     model = prepare_model(cfg)
-    spec = step_spec(cfg, model, n_global)
-    # The programs' shapes follow from the options, the model and the rows of the word-embedding
-    # table the data uses: compile them while the rest of the run is prepared.
-    # Two threads: the general program (which the first steps of a run usually need, see
+    # The programs' shapes follow from the options and the model alone: compile them while the data
+    # is opened. Two threads: the general program (which some steps of most runs need, see
     # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
     compiler, stopped = AheadOfTime(threads=2), False
     try:
-        run_data = load_run_data(cfg, spec.loss)
-        steps = _plan_steps(cfg, run_data, model, spec.loss)
-        trained = steps.rows.train_params(model.params)
-        programs = TrainPrograms(spec, cfg.steps_per_dispatch, compiler,
-                                 jax.eval_shape(lambda: init_state(trained, make_optimizer(cfg))),
-                                 tokens=steps.tokens, plan=steps.plan, total_steps=steps.total,
-                                 batch_size=cfg.batch_size)
-        programs.prepare(spec.shapes.programs[0])
-        if not (out / "checkpoints").is_dir():
-            # A new run starts at step 0, so whether it needs the general program is known now:
-            # start compiling it here rather than after the checkpoints are opened (a cold run's
-            # first general step waited for it).
-            programs.general_steps(0)
+        first_device = jax.process_index() * n_local
+        run_data = open_run_data(cfg, model, n_global, range(first_device, first_device + n_local))
+        example_state = jax.eval_shape(lambda: init_state(model.params, make_optimizer(cfg)))
+        programs = [TrainPrograms(step_spec(cfg, model, n_global, loss, columns, prompts), cfg.steps_per_dispatch,
+                                  compiler, example_state, name=f"{group}" if group else "")
+                    for group, (loss, columns, prompts) in enumerate(zip(run_data.group_losses, run_data.group_columns,
+                                                                         run_data.group_prompts))]
+        for p in programs:
+            p.prepare(p.spec.shapes.programs[0])
+        for p in programs:
+            p.prepare("general")
         evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock_output(out)
         try:
-            return _run(cfg, out, progress, model, run_data, steps, programs, evaluators, signals)
+            return _run(cfg, out, progress, model, run_data, programs, evaluators, signals)
         finally:
             if lock is not None:
                 lock.release()
@@ -449,16 +242,14 @@ def _lock_output(out: Path) -> OutputLock | None:
 
 
 class TrainPrograms:
-    """The run's two train programs (train_step.py), compiled ahead of time by `compiler`.
+    """One step program's two compiled forms (train_step.py: fast and general), compiled ahead of
+    time by `compiler`. A run has one TrainPrograms per distinct loss and column count of its
+    datasets. The general program holds GradCache's loop whenever its shape has room for several
+    micro-batches: which steps need it is known only as the data streams."""
 
-    Which steps need the general program, and whether it needs GradCache's loop, is decided from
-    the whole run's plan (steps 0 to total_steps of `plan` over `tokens`), whatever step a resumed
-    run starts at, so that a resumed run compiles the programs the run began with."""
-
-    def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState, *,
-                 tokens: data_lib.TokenizedPairs, plan: data_lib.BatchPlan, total_steps: int, batch_size: int):
-        self.spec, self.steps_per_dispatch, self.compiler = spec, steps_per_dispatch, compiler
-        self.tokens, self.plan, self.total_steps, self.batch_size = tokens, plan, total_steps, batch_size
+    def __init__(self, spec: StepSpec, steps_per_dispatch: int, compiler: AheadOfTime, example_state: TrainState,
+                 name: str = ""):
+        self.spec, self.steps_per_dispatch, self.compiler, self.name = spec, steps_per_dispatch, compiler, name
         self.n_global, self.n_local = jax.device_count(), jax.local_device_count()
         state = jax.eval_shape(lambda s: s, example_state)  # shapes only (arrays or ShapeDtypeStructs)
         if self.n_global > 1:  # replicated: a leading axis of local devices
@@ -468,56 +259,34 @@ class TrainPrograms:
             # which takes no ShapeDtypeStruct: lower it for zeros (broadcast views, no memory).
             state = jax.tree.map(lambda x: np.broadcast_to(np.zeros((), x.dtype), x.shape), state)
         self._example_state = state
-        self._run_general: dict[int, int] | None = None  # the run's general steps: their micro-batches
 
-    def _general_of_run(self) -> dict[int, int]:
-        if self._run_general is None:
-            layout = data_lib.BatchLayout(self.batch_size, self.n_global, self.n_local,
-                                          jax.process_index() * self.n_local)
-            self._run_general = data_lib.general_steps(self.tokens, layout, self.spec.shapes, self.plan, 0,
-                                                       self.total_steps)
-        return self._run_general
-
-    @functools.cached_property
-    def _general_spec(self) -> StepSpec:
-        return dataclasses.replace(self.spec, gradcache=max(self._general_of_run().values(), default=0) > 1)
+    def key(self, program: str) -> str:
+        """The compiler's name of `program` (the first group's programs keep their plain names)."""
+        return f"{program}-{self.name}" if self.name else program
 
     def spec_of(self, program: str) -> StepSpec:
-        """The StepSpec `program` is compiled for: the general program holds GradCache's loop only if
-        some step of the run needs several micro-batches."""
-        return self._general_spec if program == "general" else self.spec
+        if program == "general":
+            return dataclasses.replace(self.spec, gradcache=self.spec.shapes.micro_batches > 1)
+        return self.spec
 
     def prepare(self, program: str) -> None:
         """Start compiling `program` (if not yet started)."""
-        if self.compiler.submitted(program):
+        if program not in self.spec.shapes.programs or self.compiler.submitted(self.key(program)):
             return
         batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
+        del batches["count"]  # computed in the program from the weights: a host knows only its own rows
         batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
         rng = np.zeros((2,), np.uint32)
-        self.compiler.submit(program, step_program(self.spec_of(program), program, self.n_global),
+        self.compiler.submit(self.key(program), step_program(self.spec_of(program), program, self.n_global),
                              self._example_state, batches, rng, make_optimizer(TrainConfig()).as_inputs(),
                              call_compiled=jax.process_count() == 1)
 
+    def ready(self, program: str) -> bool:
+        return self.compiler.ready(self.key(program))
+
     def get(self, program: str):
         self.prepare(program)
-        return self.compiler.get(program)
-
-    def general_steps(self, start_step: int) -> list[int]:
-        """The steps of [start_step, the run's end) that need the general program; it starts
-        compiling if there are any, or if the last dispatch is short (padded in the general program)."""
-        general = [s for s in self._general_of_run() if s >= start_step]
-        if general or (self.total_steps - start_step) % self.steps_per_dispatch:
-            self.prepare("general")
-        return general
-
-    def check(self, dispatch: data_lib.Dispatch) -> None:
-        """A general program compiled without GradCache's loop must never get a step that needs it:
-        the plan it was decided from says none does."""
-        if dispatch.program == "general" and not self._general_spec.gradcache:
-            most = int(np.max(dispatch.arrays["general"]["micro_batches"]))
-            if most > 1:
-                raise RuntimeError(f"steps {dispatch.first}-{dispatch.first + dispatch.n - 1} need {most} micro-batches, "
-                                   "but the general program was compiled for one: the run's plan and its batches disagree")
+        return self.compiler.get(self.key(program))
 
 
 def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_per_dispatch: int) -> dict:
@@ -526,21 +295,6 @@ def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_pe
     step_rates[:dispatch.n] = rates[dispatch.first:dispatch.first + dispatch.n]
     n_local = jax.tree.leaves(dispatch.arrays)[0].shape[0]
     return {**dispatch.arrays, "learning_rate": np.broadcast_to(step_rates, (n_local, steps_per_dispatch))}
-
-
-@dataclasses.dataclass(frozen=True)
-class _PlannedSteps:
-    tokens: data_lib.TokenizedPairs  # the training rows, tokenised
-    rows: TrainedRows  # the word-embedding rows they use, which the train state holds
-    plan: data_lib.BatchPlan
-    total: int  # the run's steps
-
-
-def _plan_steps(cfg: TrainConfig, run_data: RunData, model, loss) -> _PlannedSteps:
-    plan = batch_plan(cfg, run_data.train, loss)
-    tokens = data_lib.tokenize_pairs(run_data.train, model.tokenizer, column_prompts(cfg, model))
-    rows = TrainedRows.for_data(tokens, model.config.vocab_size, cfg.weight_decay)
-    return _PlannedSteps(tokens, rows, plan, cfg.max_steps or plan.epoch_start(cfg.epochs))
 
 
 def build_evaluators(cfg: TrainConfig, run_data: RunData, model_similarity: str = "cosine") -> list:
@@ -553,8 +307,22 @@ def build_evaluators(cfg: TrainConfig, run_data: RunData, model_similarity: str 
     return [build_evaluator(name, pairs=run_data.eval, model_similarity=model_similarity) for name in cfg.evaluator]
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, steps: _PlannedSteps,
-         programs: TrainPrograms, evaluators: list, signals: StopSignals) -> dict:
+def total_steps_of(cfg: TrainConfig, run_data: RunData) -> int:
+    return cfg.max_steps or cfg.epochs * run_data.schedule.steps_per_epoch
+
+
+def _input_state(pipeline_state: dict, step: int) -> dict:
+    """Every host's streams' positions (each host knows only its own devices')."""
+    from minilm_jax.input.hosts import exchange
+
+    merged = {}
+    for part in exchange(f"state/{step}", pipeline_state):
+        merged.update(part)
+    return {"step": step, "streams": merged}
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: list[TrainPrograms],
+         evaluators: list, signals: StopSignals) -> dict:
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -562,32 +330,36 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         for stale in out.glob(".*.tmp-*"):  # write_text_atomic's leftovers from a killed run (we hold the lock)
             if stale.is_file():
                 stale.unlink()
-    train_tokens, plan, total_steps = steps.tokens, steps.plan, steps.total
+    schedule = run_data.schedule
+    total_steps = total_steps_of(cfg, run_data)
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
+    layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
+    from minilm_jax.input.hosts import FitAgreement
+
+    pipeline = InputPipeline(list(run_data.datasets), schedule, model.tokenizer, layout=layout,
+                             shapes=[p.spec.shapes for p in programs], steps_per_dispatch=cfg.steps_per_dispatch,
+                             seed=cfg.seed, window_rows=cfg.shuffle_window, no_duplicates=run_data.no_duplicates,
+                             agree=FitAgreement() if jax.process_count() > 1 else None)
 
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
-    rows = steps.rows
     if checkpoints.latest_step() is not None:
-        state = jax.device_get(checkpoints.restore(init_state(model.params, tx)))
-        untrained = state.params  # where the rows the run does not train come from
-        state = rows.train_state(state)
+        state, input_state = checkpoints.restore(init_state(model.params, tx))
+        state = jax.device_get(state)
+        pipeline.restore(input_state["streams"])
     else:
-        untrained = model.params
-        state = init_host_state(rows.train_params(model.params), tx)
+        state = init_host_state(model.params, tx)
     start_step = int(state.step)
     metrics_path = out / "metrics.jsonl"
     records = read_metrics(metrics_path, start_step)
     if is_main:
         write_text_atomic(metrics_path, "".join(json.dumps(r) + "\n" for r in records))
-    layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
-    shapes = programs.spec.shapes
-    general = programs.general_steps(start_step)  # compiled while the first fast steps run
+    compiler = programs[0].compiler
     if evaluators:  # the evaluation's programs too: after the train programs, before the first evaluation
         from minilm_jax.encode import warm_up
 
         calls = [texts for ev in evaluators for texts in ev.encode_calls()]
-        programs.compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
+        compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
     rng = jax.random.PRNGKey(cfg.seed)
     tx_inputs = tx.as_inputs()
     p_state = to_devices(state, n_global)
@@ -595,19 +367,19 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
 
     def evaluate(params) -> list:
         """[(evaluator, its metrics)], sentence-transformers' keys."""
-        if programs.compiler.submitted("evaluation"):
-            programs.compiler.get("evaluation")  # its programs, not compiled twice by both threads
+        if compiler.submitted("evaluation"):
+            compiler.get("evaluation")  # its programs, not compiled twice by both threads
         scored = model.replace(params=params)
         return [(ev, ev.evaluate(scored, cfg.eval_batch_size, cfg.dtype)) for ev in evaluators]
 
-    log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main,
-                  programs.compiler)
-    groups = data_lib.prefetch(data_lib.dispatch_groups(
-        rows.renumber(train_tokens), layout, shapes, plan, start_step, total_steps, cfg.steps_per_dispatch))
+    items = Prefetch(pipeline.dispatches(start_step, total_steps))
+    log = _Logger(metrics_path if is_main else None, total_steps, start_step, cfg, progress and is_main, compiler,
+                  lambda: items.wait_seconds)
     pending = None
     stop = StopAgreement.for_run(signals)
     stopped_at = None  # the step a stop signal ended the training at
     done = saved = start_step  # steps dispatched; the step of the latest checkpoint (or the run's start)
+    input_after = None  # the streams' state after the latest dispatch
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
@@ -623,29 +395,32 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                     f"{float(host['grad_norm'][0, k])}); stopped, last good checkpoint: step "
                     f"{checkpoints.latest_step()} in {out / 'checkpoints'}; lower --learning-rate or check the data")
             log.step(step, float(host["loss"][0, k]), float(host["learning_rate"][0, k]),
-                     float(host["grad_norm"][0, k]), plan.epoch_of(step))
+                     float(host["grad_norm"][0, k]), schedule.epoch_float(step))
 
     def crosses(first: int, n: int, every: int) -> bool:
         return every > 0 and (first + n) // every > first // every
 
+    def save():
+        checkpoints.save(from_devices(p_state, n_global), _input_state(input_after, done))
+
     signals.training_began()  # a stop signal from here on is answered with a checkpoint
     try:
-        for boundary, dispatch in enumerate(groups):
+        for boundary, (dispatch, group, input_state) in enumerate(items):
             if stop.stop_here(boundary):
                 stopped_at = done
                 break
             first, n = dispatch.first, dispatch.n
-            programs.check(dispatch)
-            if not programs.compiler.ready(dispatch.program):
+            step_programs = programs[group]
+            if not step_programs.ready(dispatch.program):
                 log.pause()  # waiting for a compile is not training time
-                programs.prepare(dispatch.program)
-                if stop.while_waiting(lambda: programs.compiler.ready(dispatch.program)):
+                step_programs.prepare(dispatch.program)
+                if stop.while_waiting(lambda: step_programs.ready(dispatch.program)):
                     stopped_at = done  # a compile can take a minute: not worth waiting for
                     break
-                step_fn = programs.get(dispatch.program)
+                step_fn = step_programs.get(dispatch.program)
                 log.resume()
             else:
-                step_fn = programs.get(dispatch.program)
+                step_fn = step_programs.get(dispatch.program)
             if first == start_step:
                 checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
             p_state, metrics = step_fn(p_state, with_learning_rates(dispatch, rates, cfg.steps_per_dispatch), rng,
@@ -656,27 +431,28 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 settle(pending)
             pending = (first, n, metrics)
             end = done = first + n
-            epoch_end = plan.ends_epoch(first, n) or end == total_steps
+            input_after = input_state
+            epoch_end = schedule.ends_epoch(first, n) or end == total_steps
             if crosses(first, n, cfg.eval_every) or epoch_end or crosses(first, n, cfg.checkpoint_every):
                 settle(pending)
                 pending = None
                 log.pause()
                 if crosses(first, n, cfg.eval_every) or epoch_end:
-                    last_eval = {end: evaluate(rows.full_params(from_devices(p_state.params, n_global), untrained))}
-                    log.eval(end, plan.epoch_of(end), last_eval[end])
+                    last_eval = {end: evaluate(from_devices(p_state.params, n_global))}
+                    log.eval(end, schedule.epoch_float(end), last_eval[end])
                 if crosses(first, n, cfg.checkpoint_every) or end == total_steps:
                     saved = end
-                    checkpoints.save(rows.full_state(from_devices(p_state, n_global), untrained))
+                    save()
                 log.resume()
         if pending is not None:
             settle(pending)
-        groups.close()  # its batch thread, when a stop left batches unused
+        items.close()  # its batch thread, when a stop left batches unused
         if stopped_at is None and stop.stop_after_loop(_barrier_seconds()):
             stopped_at = done  # whose checkpoint the loop has started
         if stopped_at is not None:
-            seconds = _stop_checkpoint(checkpoints, lambda: rows.full_state(from_devices(p_state, n_global), untrained),
-                                       stopped_at != saved)
+            seconds = _stop_checkpoint(checkpoints, save, stopped_at != saved)
     except BaseException as e:
+        items.close()
         if isinstance(e, Exception) and jax.process_count() > 1:
             # a lost peer: stop now, before the wait below blocks on it
             from minilm_jax import distributed
@@ -697,12 +473,13 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     # The last checkpoint is written in the background while the model is evaluated and exported
     # (a kill before it is complete leaves the one before it, which a rerun resumes from).
     try:
-        final_params = rows.full_params(from_devices(p_state.params, n_global), untrained)
+        final_params = from_devices(p_state.params, n_global)
         final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
-        run_report = {**programs.compiler.report(), "general_steps": len(general), "steps": total_steps - start_step}
+        run_report = {**compiler.report(), "steps": total_steps - start_step,
+                      "data_wait_seconds": round(items.wait_seconds, 3)}
         if is_main:
-            export_run(cfg, out, model.replace(params=final_params), run_data, train_tokens, final_eval, total_steps,
-                       n_global, programs.spec.loss)
+            export_run(cfg, out, model.replace(params=final_params), run_data, pipeline.samples, final_eval,
+                       total_steps, n_global, programs[0].spec.loss)
     finally:
         checkpoints.wait()
     checkpoints.close()
@@ -715,12 +492,12 @@ def _barrier_seconds() -> int:
     return distributed.barrier_seconds()
 
 
-def _stop_checkpoint(checkpoints: Checkpoints, state, write: bool) -> float:
-    """Write the checkpoint of `state()` if `write` (not when the run resumed at this step or the loop
+def _stop_checkpoint(checkpoints: Checkpoints, save, write: bool) -> float:
+    """Write the checkpoint (`save()`) if `write` (not when the run resumed at this step or the loop
     has started its checkpoint), and wait until every checkpoint is complete; the seconds it took."""
     began = time.perf_counter()
     if write:
-        checkpoints.save(state())
+        save()
     checkpoints.wait()
     return time.perf_counter() - began
 
@@ -733,8 +510,9 @@ class _Logger:
     process has spent on compiling its train programs so far (AheadOfTime.report)."""
 
     def __init__(self, path: Path | None, total: int, start: int, cfg: TrainConfig, progress: bool,
-                 compiler: AheadOfTime):
+                 compiler: AheadOfTime, data_wait=lambda: 0.0):
         self.path, self.cfg, self.compiler = path, cfg, compiler
+        self.data_wait, self.waited = data_wait, 0.0  # the seconds the loop waited for batches, and at the last record
         self.losses, self.grad_norms = [], []
         self.timed_steps, self.timed_seconds = 0, 0.0
         self.clock = None  # starts after the first settled dispatch, so compilation is not timed
@@ -766,9 +544,12 @@ class _Logger:
                 self.bar.set_postfix(loss=f"{np.mean(self.losses[-10:]):.4f}", lr=f"{lr:.2e}",
                                      pairs_s=f"{self.rate():.1f}")
         if step % self.cfg.log_every == 0:
-            self.write({"step": step, "epoch": round(epoch, 4), "loss": float(np.mean(self.losses)),
-                        "learning_rate": lr, "grad_norm": float(np.mean(self.grad_norms)),
-                        "pairs_per_second": self.rate(), **self.compiler.report()})
+            waited = self.data_wait()
+            self.write({"step": step, "epoch": None if epoch is None else round(epoch, 4),
+                        "loss": float(np.mean(self.losses)), "learning_rate": lr,
+                        "grad_norm": float(np.mean(self.grad_norms)), "pairs_per_second": self.rate(),
+                        "data_wait_seconds": round(waited - self.waited, 4), **self.compiler.report()})
+            self.waited = waited
             self.losses, self.grad_norms = [], []
             self.timed_steps, self.timed_seconds = 0, 0.0
 
@@ -777,10 +558,10 @@ class _Logger:
             return None
         return round(self.timed_steps * self.cfg.batch_size / self.timed_seconds, 2)
 
-    def eval(self, step: int, epoch: float, results: list) -> None:
+    def eval(self, step: int, epoch: float | None, results: list) -> None:
         metrics = {f"eval_{k}": v for _, m in results for k, v in m.items()}
         if metrics:
-            self.write({"step": step, "epoch": round(epoch, 4), **metrics})
+            self.write({"step": step, "epoch": None if epoch is None else round(epoch, 4), **metrics})
             if self.bar is not None:
                 self.bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 

@@ -90,8 +90,12 @@ def _objective(emb_SxD, batch: dict, spec: StepSpec, axis_name: str | None, loss
     """This device's share of the global batch's loss (the shares sum to it over devices)."""
     shapes = spec.shapes
     columns_CxBxD = emb_SxD.reshape(shapes.columns, shapes.pairs, emb_SxD.shape[-1])
-    return spec.loss.local_loss(columns_CxBxD, batch["labels"], batch["weights"], batch["count"], axis_name,
-                                rng=loss_rng)
+    if "count" in batch:
+        count = batch["count"]
+    else:  # the real rows of the global batch, from every device's weights (a host knows only its own rows)
+        count = jnp.sum(batch["weights"])
+        count = jnp.maximum(jax.lax.psum(count, axis_name) if axis_name else count, 1.0)
+    return spec.loss.local_loss(columns_CxBxD, batch["labels"], batch["weights"], count, axis_name, rng=loss_rng)
 
 
 def _local_model(params, ids: jax.Array, config: BertConfig, axis_name: str | None):

@@ -52,7 +52,7 @@ if str(REPO_ROOT) not in sys.path:  # the package when the tests run from a chec
 # Keys of train.py's records and final line that a process measures about itself (speed, compilation):
 # they differ between runs that trained identically.
 SELF_MEASURED = frozenset({"pairs_per_second", "compile_seconds", "compiled_programs", "cached_programs",
-                           "evaluation_compile_seconds", "evaluation_programs"})
+                           "evaluation_compile_seconds", "evaluation_programs", "data_wait_seconds"})
 
 
 # A collective that a dead or stuck device never joins fails within seconds instead of hanging.

@@ -283,7 +283,7 @@ def test_a_non_finite_loss_stops_with_its_step_and_keeps_the_last_good_checkpoin
 
     steps = sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit())
     assert steps[-1] == last_good, steps
-    restored = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(last_good) / "default").absolute())
+    restored = ocp.StandardCheckpointer().restore((out / "checkpoints" / str(last_good) / "state").absolute())
     leaves = [np.asarray(x) for x in __import__("jax").tree.leaves(restored["params"])]
     assert leaves and all(np.all(np.isfinite(x)) for x in leaves)
     assert int(restored["step"]) == last_good

@@ -204,18 +204,33 @@ def test_checkpoint_of_another_layout_is_refused(runs, tiny_setup, tmp_path):
     shutil.rmtree(folder / "model")
     step = N_STEPS - CHECKPOINT_EVERY
     saved = ocp.CheckpointManager((folder / "checkpoints").absolute())
-    params = saved.restore(step, args=ocp.args.StandardRestore())["params"]
+    restored = saved.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
+                                                           input=ocp.args.JsonRestore()))
+    params, input_state = restored["state"]["params"], restored["input"]
     saved.close()
-    shutil.rmtree(folder / "checkpoints")
     old_optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(5e-5, weight_decay=0.0))
-    old_state = {"step": np.int32(step), "params": params, "opt_state": old_optimizer.init(params)}
-    with ocp.CheckpointManager((folder / "checkpoints").absolute()) as manager:
-        manager.save(step, args=ocp.args.StandardSave(jax.tree.map(np.asarray, old_state)))
-        manager.wait_until_finished()
+    old_state = jax.tree.map(np.asarray, {"step": np.int32(step), "params": params,
+                                          "opt_state": old_optimizer.init(params)})
 
+    def write(*, with_input: bool) -> None:
+        shutil.rmtree(folder / "checkpoints")
+        with ocp.CheckpointManager((folder / "checkpoints").absolute()) as manager:
+            if with_input:
+                manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(old_state),
+                                                           input=ocp.args.JsonSave(input_state)))
+            else:  # as minilm-jax wrote it before its input streamed: the state alone
+                manager.save(step, args=ocp.args.StandardSave(old_state))
+            manager.wait_until_finished()
+
+    write(with_input=True)
     proc = run(args(folder), tmp_path / "log")
     line = assert_user_error(proc, 1, f"checkpoint {step}", "does not hold this version's training state",
                              "new --output-dir")
     assert str(folder) in line
     assert finished_checkpoints(folder / "checkpoints") == [step]
     assert not (folder / "model").exists()
+
+    write(with_input=False)
+    proc = run(args(folder), tmp_path / "log2")
+    line = assert_user_error(proc, 1, f"checkpoint {step}", "holds no input position", "new --output-dir")
+    assert finished_checkpoints(folder / "checkpoints") == [step]

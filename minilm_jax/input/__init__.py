@@ -1,0 +1,131 @@
+"""The training input, below the loop: datasets (spec.py) -> files cut into pieces (sources.py) ->
+one shuffled stream per dataset and device (stream.py) -> which dataset each step takes
+(schedule.py) -> tokenised, packed device calls on a background thread (pipeline.py).
+
+`open_run_data` checks everything that can be checked before training (files, columns, losses,
+weights) and reads no row but what it must count; the rows stream while the run trains.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from minilm_jax.errors import UserError
+from minilm_jax.input.pipeline import DatasetInput, batches_per_epoch, count_rows, open_dataset
+from minilm_jax.input.schedule import Schedule
+from minilm_jax.input.sources import MemoryReader
+from minilm_jax.input.spec import DatasetSpec, build_dataset_loss, dataset_specs
+from minilm_jax.pairs import Columns, Pairs
+
+__all__ = ["RunData", "open_run_data", "DatasetSpec", "dataset_specs"]
+
+
+@dataclasses.dataclass(frozen=True)
+class RunData:
+    """The run's training datasets, how their steps are laid out, and the evaluation pairs."""
+
+    datasets: tuple[DatasetInput, ...]
+    group_losses: tuple  # the loss of each step program (group)
+    group_columns: tuple[int, ...]  # its text columns
+    group_prompts: tuple[tuple[str, ...], ...]  # its columns' prompts
+    no_duplicates: tuple[bool, ...]  # per dataset
+    schedule: Schedule
+    device_rows: tuple | None  # per dataset, the rows of every device's share, where counted
+    eval: Pairs | None
+    train_name: str
+    eval_name: str | None
+
+    def rows(self, dataset: int) -> int | None:
+        return None if self.device_rows is None else int(sum(self.device_rows[dataset]))
+
+
+def open_run_data(cfg, model, n_devices: int, local_devices: range) -> RunData:
+    """The run's datasets, opened and checked (cfg: a TrainConfig; model: an encode.Model)."""
+    from minilm_jax.train_lib import column_prompts, uses_no_duplicates
+
+    specs = dataset_specs(cfg)
+    groups: dict = {}
+    datasets, no_duplicates, losses_ = [], [], []
+    eval_pairs = eval_name = None
+    for index, spec in enumerate(specs):
+        loss = build_dataset_loss(cfg, spec)
+        prompts = column_prompts(cfg, model, tuple(spec.columns.texts()))
+        key = (spec.loss_name, spec.loss_param, len(spec.columns.texts()), prompts)
+        if key not in groups:
+            groups[key] = len(groups)
+            losses_.append((loss, len(spec.columns.texts()), prompts))
+        from minilm_jax.losses import CosineSimilarityLoss
+
+        unit = isinstance(loss, CosineSimilarityLoss)
+        if spec.hub:
+            ds, eval_pairs = _hub_dataset(cfg, spec, index, groups[key], n_devices, prompts, unit)
+            eval_name = f"{spec.hub[0]}{f' ({spec.hub[1]})' if spec.hub[1] else ''} held-out {cfg.eval_fraction:.0%}"
+        else:
+            ds = open_dataset(spec, index, groups[key], n_devices, score_required=loss.needs_scores,
+                              unit_interval=unit, prompts=prompts)
+        datasets.append(ds)
+        no_duplicates.append(uses_no_duplicates(cfg, loss))
+    device_rows = None
+    if not cfg.max_steps or (len(specs) > 1 and cfg.multi_dataset_sampler != "weighted"):
+        device_rows = _count(datasets, n_devices, local_devices)
+    pairs_per_device = cfg.batch_size // n_devices
+    batches = None if device_rows is None else [batches_per_epoch(r, pairs_per_device) for r in device_rows]
+    schedule = Schedule(cfg.multi_dataset_sampler, [s.weight for s in specs], cfg.seed, batches)
+    if cfg.eval_file:
+        from minilm_jax.pairs import load_pairs
+
+        eval_pairs = load_pairs(cfg.eval_file, Columns(cfg.sentence1_column, cfg.sentence2_column, cfg.score_column),
+                                score_scale=cfg.score_scale)
+        eval_name = cfg.eval_file
+    train_name = (", ".join(s.name for s in specs) if len(specs) > 1 else
+                  (f"{specs[0].hub[0]}" + (f" ({specs[0].hub[1]})" if specs[0].hub[1] else "") if specs[0].hub
+                   else ", ".join(specs[0].files)))
+    return RunData(tuple(datasets), tuple(loss for loss, _, _ in losses_), tuple(c for _, c, _ in losses_),
+                   tuple(p for _, _, p in losses_), tuple(no_duplicates), schedule, device_rows, eval_pairs,
+                   train_name, eval_name)
+
+
+def _count(datasets, n_devices: int, local_devices: range) -> tuple:
+    """Every dataset's rows on every device: each host counts its own devices' shares."""
+    from minilm_jax.input.hosts import exchange
+
+    mine = {d: [count_rows(ds, [d])[0] for ds in datasets] for d in local_devices}
+    every = {int(d): c for part in exchange("rows", {str(d): c for d, c in mine.items()}) for d, c in part.items()}
+    rows = tuple(tuple(every[d][i] for d in range(n_devices)) for i in range(len(datasets)))
+    for ds, counts in zip(datasets, rows):
+        if not sum(counts):
+            raise UserError(f"dataset {ds.spec.name} holds no row"
+                            + (" labelled 1 (positives_only)" if ds.spec.positives_only else "")
+                            + f" ({', '.join(sorted(ds.layouts))}); add at least one pair")
+    return rows
+
+
+def _hub_dataset(cfg, spec: DatasetSpec, index: int, group: int, n_devices: int, prompts, unit: bool):
+    """A hub dataset, read whole by `datasets` (it needs network or a warm cache) and split into the
+    training rows and the held-out evaluation pairs, as before streaming."""
+    from minilm_jax.pairs import load_hub_pairs
+
+    columns = spec.columns
+    eval_columns = Columns(columns.sentence1, columns.sentence2, columns.score)
+    full = load_hub_pairs(spec.hub[0], spec.hub[1], "train", columns, unit_interval=unit, score_scale=spec.score_scale,
+                          score_required=True)
+    order = np.random.default_rng(cfg.seed).permutation(len(full))
+    n_eval = int(round(len(full) * cfg.eval_fraction))
+    train, held_out = full.select(order[n_eval:]), full.select(order[:n_eval])
+    if spec.positives_only:
+        labels = set(np.unique(train.scores).tolist())
+        if not labels <= {0.0, 1.0} or 1.0 not in labels:
+            raise UserError(f"--positives-only keeps the rows labelled 1 of a 0/1 pair-class dataset; {spec.hub[0]} has "
+                            f"labels {sorted(labels)[:5]}")
+        train = train.select(np.flatnonzero(train.scores == 1.0))
+    if spec.add_swapped:
+        train = train.swapped()
+    rows = list(zip(*train.columns(), train.scores.tolist()))
+    memory = MemoryReader(rows, spec.name)
+    plain = dataclasses.replace(spec, positives_only=False, add_swapped=False)
+    ds = DatasetInput(plain, index, group, len(columns.texts()), prompts, memory.layouts, memory.pieces(n_devices),
+                      unit, memory)
+    eval_pairs = dataclasses.replace(held_out, negatives=()) if eval_columns else held_out
+    return ds, eval_pairs

@@ -1,0 +1,290 @@
+"""The training input: named datasets -> per-device streams -> tokenised, packed Dispatches, built on
+a background thread while the devices run, and resumable from a small JSON state.
+
+What the loop sees (train_lib.py): `InputPipeline.open(...)` before training, then
+`pipeline.dispatches(start_step, end_step)`, whose items are (Dispatch, group, state): the device
+call's arrays (data.Dispatch, [local devices, steps, ...]), which of the run's step programs (one per
+distinct loss and column count) runs it, and the streams' state after it, which the checkpoint of
+its last step saves.
+
+Sharding: every dataset's files are cut into pieces (sources.py), a multiple of the global device
+count per splittable file; device d reads pieces d, d + n, ... and each host opens only its own
+devices' pieces. A step's batch is one dataset's (schedule.py): each device takes its share
+(batch / devices rows) from its own stream of that dataset. The order is a function of the seed,
+the options and the global device count, not of how devices are spread over hosts, so 2 processes
+of 2 devices train as 1 process of 4.
+
+Every host must run the same program for a step: whether a step fits the fast packed shape is
+agreed over all hosts (each says whether its devices' sentences fit, through the distributed
+runtime's key-value store), on the batch thread, ahead of the devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import queue
+import threading
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from minilm_jax import data as data_lib
+from minilm_jax.errors import UserError
+from minilm_jax.input.schedule import Schedule
+from minilm_jax.input.sources import Piece, Reader, count_records, expand_files, layout_of, pieces_of
+from minilm_jax.input.spec import DatasetSpec
+from minilm_jax.input.stream import ShardStream
+
+# Rows tokenised in one call of the tokenizer (its batch encoder runs on every core): several
+# dispatches' worth, so that the call's overhead is shared.
+TOKENIZE_ROWS = 2048
+SAMPLE_ROWS = 1000  # rows of each dataset kept for the model card, as sentence-transformers' card takes
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInput:
+    """One dataset as the pipeline reads it."""
+
+    spec: DatasetSpec
+    index: int
+    group: int  # which step program its batches run in
+    n_columns: int
+    prompts: tuple[str, ...]  # per text column ("" for none)
+    layouts: dict  # path -> Layout
+    pieces: tuple  # of every device: tuple of lists of Piece, by global device
+    unit_interval: bool = False  # labels must lie in [0, 1] (CosineSimilarityLoss)
+    memory: object = None  # sources.MemoryReader of a hub dataset's rows, read whole
+
+
+def device_pieces(files: Sequence[str], n_devices: int) -> tuple[list[Piece], ...]:
+    """Every device's pieces of these files: piece j of a splittable file to device j % n, the k-th
+    whole file (.csv, .gz) to device k % n."""
+    out: tuple[list[Piece], ...] = tuple([] for _ in range(n_devices))
+    whole = 0
+    for path in files:
+        pieces = pieces_of(path, n_devices)
+        if len(pieces) == 1 and pieces[0].end == -1:
+            out[whole % n_devices].append(pieces[0])
+            whole += 1
+        else:
+            for j, piece in enumerate(pieces):
+                out[j % n_devices].append(piece)
+    return out
+
+
+class InputPipeline:
+    def __init__(self, datasets: list[DatasetInput], schedule: Schedule, tokenizer, *, layout: data_lib.BatchLayout,
+                 shapes: Sequence[data_lib.StepShapes], steps_per_dispatch: int, seed: int, window_rows: int,
+                 no_duplicates: Sequence[bool], agree=None):
+        """shapes: the step shapes of each group; no_duplicates: per dataset; agree(first_step, flags)
+        -> the flags ORed over every host (None: one host)."""
+        self.datasets, self.schedule, self.tokenizer = datasets, schedule, tokenizer
+        self.layout, self.shapes, self.steps_per_dispatch = layout, list(shapes), steps_per_dispatch
+        self.agree = agree
+        local = range(layout.first_device, layout.first_device + layout.local_devices)
+        self.streams = [[self._stream(ds, d, seed, window_rows, no_duplicates[ds.index]) for d in local]
+                        for ds in datasets]
+        self.samples: list[list[tuple]] = [[] for _ in datasets]  # the first rows each dataset gave
+        self.data_wait_seconds = 0.0
+
+    def _stream(self, ds: DatasetInput, device: int, seed: int, window_rows: int, no_duplicates: bool):
+        reader = ds.memory or Reader(ds.layouts, ds.spec.columns, ds.spec.score_scale, ds.unit_interval, ds.spec.name)
+        return ShardStream(reader, ds.pieces[device], seed=seed, dataset=ds.index, device=device,
+                           window_rows=window_rows, no_duplicates=no_duplicates, positives_only=ds.spec.positives_only,
+                           add_swapped=ds.spec.add_swapped, name=ds.spec.name, n_columns=ds.n_columns)
+
+    # ------------------------------------------------------------------ state
+
+    def state(self) -> dict:
+        return {f"{ds.spec.name}/{self.layout.first_device + d}": stream.state()
+                for ds, streams in zip(self.datasets, self.streams) for d, stream in enumerate(streams)}
+
+    def restore(self, state: dict) -> None:
+        for ds, streams in zip(self.datasets, self.streams):
+            for d, stream in enumerate(streams):
+                key = f"{ds.spec.name}/{self.layout.first_device + d}"
+                if key not in state:
+                    raise UserError(f"the checkpoint holds no input position for dataset {ds.spec.name} on device "
+                                    f"{self.layout.first_device + d}: it was written by a run with other datasets or "
+                                    "devices; resume with the same ones, or start again in a new --output-dir")
+                stream.restore(state[key])
+
+    # ------------------------------------------------------------------ dispatches
+
+    def groups_of(self, start: int, end: int) -> Iterator[tuple[int, range]]:
+        """(group, steps) of each device call: consecutive steps of one group, never across a
+        multiple of steps_per_dispatch (so that a run resumed at a checkpoint makes the same calls)."""
+        k = self.steps_per_dispatch
+        s = start
+        while s < end:
+            group = self.datasets[self.schedule.dataset_of(s)].group
+            e = s + 1
+            while e < end and e % k and self.datasets[self.schedule.dataset_of(e)].group == group:
+                e += 1
+            yield group, range(s, e)
+            s = e
+
+    def dispatches(self, start: int, end: int) -> Iterator[tuple[data_lib.Dispatch, int, dict]]:
+        """(Dispatch, group, the streams' state after it) for steps [start, end), in order."""
+        chunk = []
+        rows = 0
+        for group, steps in self.groups_of(start, end):
+            taken = [self._take(s) for s in steps]
+            chunk.append((group, steps, taken, self.state()))
+            rows += sum(len(r) for _, shares in taken for r in shares)
+            if rows >= TOKENIZE_ROWS:
+                yield from self._build(chunk)
+                chunk, rows = [], 0
+        yield from self._build(chunk)
+
+    def _take(self, step: int) -> tuple[int, list[list[tuple]]]:
+        """(dataset, rows of each local device) of one step."""
+        i = self.schedule.dataset_of(step)
+        epoch = self.schedule.epoch_of(step)
+        shares = [stream.take(self.layout.pairs_per_device, epoch) for stream in self.streams[i]]
+        sample = self.samples[i]
+        if len(sample) < SAMPLE_ROWS:
+            sample.extend(row for rows in shares for row in rows[:SAMPLE_ROWS - len(sample)])
+        return i, shares
+
+    def _build(self, chunk: list) -> Iterator[tuple[data_lib.Dispatch, int, dict]]:
+        if not chunk:
+            return
+        texts = []
+        for _, _, taken, _ in chunk:
+            for i, shares in taken:
+                ds = self.datasets[i]
+                for rows in shares:
+                    for c in range(ds.n_columns):
+                        prompt = ds.prompts[c]
+                        texts += [prompt + row[c] for row in rows] if prompt else [row[c] for row in rows]
+        ids = iter(self.tokenizer.token_ids(texts)) if texts else iter(())
+        for group, steps, taken, state in chunk:
+            shapes = self.shapes[group]
+            per_step = []  # (labels and weights per device, sentences per device, fast packings or None)
+            for i, shares in taken:
+                ds = self.datasets[i]
+                sentences, pairs = [], []
+                for rows in shares:
+                    column_ids = [[next(ids) for _ in rows] for _ in range(ds.n_columns)]
+                    sentences.append([(c * shapes.pairs + k, column_ids[c][k])
+                                      for c in range(ds.n_columns) for k in range(len(rows))])
+                    labels, weights = np.zeros(shapes.pairs, np.float32), np.zeros(shapes.pairs, np.float32)
+                    labels[:len(rows)] = [row[-1] for row in rows]
+                    weights[:len(rows)] = 1.0
+                    pairs.append({"labels": labels, "weights": weights})
+                packings = [data_lib._fast_packing(x, shapes) for x in sentences]
+                per_step.append((pairs, sentences, packings))
+            local_general = [any(p is None for p in packings) for _, _, packings in per_step]
+            general = self.agree(steps.start, local_general) if self.agree else local_general
+            kinds = [data_lib.GENERAL if g else data_lib.FAST for g in general]
+            program = "general" if data_lib.GENERAL in kinds or len(steps) < self.steps_per_dispatch else "fast"
+            devices = []
+            for d in range(self.layout.local_devices):
+                step_arrays = [data_lib._step_arrays(pairs[d], kind, sentences[d],
+                                                     None if kind == data_lib.GENERAL else packings[d], shapes, program,
+                                                     self.steps_per_dispatch)
+                               for (pairs, sentences, packings), kind in zip(per_step, kinds)]
+                padding = data_lib._step_arrays(_empty_pairs(shapes), data_lib.SKIP, [], None, shapes, program,
+                                                self.steps_per_dispatch)
+                step_arrays += [padding] * (self.steps_per_dispatch - len(steps))
+                devices.append(data_lib._stack(step_arrays))
+            yield data_lib.Dispatch(steps.start, len(steps), program, data_lib._stack(devices)), group, state
+
+
+def _empty_pairs(shapes: data_lib.StepShapes) -> dict:
+    return {"labels": np.zeros(shapes.pairs, np.float32), "weights": np.zeros(shapes.pairs, np.float32)}
+
+
+# ----------------------------------------------------------------------------- opening the datasets
+
+def open_dataset(spec: DatasetSpec, index: int, group: int, n_devices: int, *, score_required: bool,
+                 unit_interval: bool, prompts: tuple[str, ...]) -> DatasetInput:
+    """Check the dataset's files (their headers or schemas only) and cut them into every device's
+    pieces."""
+    files = expand_files(spec.files, spec.name)
+    layouts = {path: layout_of(path, spec.columns, score_required or spec.positives_only) for path in files}
+    return DatasetInput(spec, index, group, len(spec.columns.texts()), prompts, layouts,
+                        device_pieces(files, n_devices), unit_interval)
+
+
+def count_rows(ds: DatasetInput, devices: Sequence[int]) -> list[int]:
+    """The rows of each of `devices`' shares (records less, with positives_only, the rows not
+    labelled 1; doubled with add_swapped)."""
+    counts = []
+    for d in devices:
+        if ds.memory is not None:
+            n = sum(p.end - p.start for p in ds.pieces[d])
+        elif ds.spec.positives_only:  # which rows are labelled 1 is known only by parsing them
+            reader = Reader(ds.layouts, ds.spec.columns, ds.spec.score_scale, False, ds.spec.name)
+            stream = ShardStream(reader, ds.pieces[d], seed=0, dataset=0, device=d, window_rows=1 << 62,
+                                 no_duplicates=False, positives_only=True, name=ds.spec.name, n_columns=ds.n_columns)
+            n = 0
+            for piece in ds.pieces[d]:
+                for raws, wheres, _ in reader.read(piece, piece.start):
+                    n += len(stream._positives(piece, raws, wheres))
+        else:
+            n = sum(count_records(p, ds.layouts[p.path]) for p in ds.pieces[d])
+        counts.append(n * (2 if ds.spec.add_swapped else 1))
+    return counts
+
+
+def batches_per_epoch(device_rows: Sequence[int], pairs_per_device: int) -> int:
+    """A dataset's steps in an epoch: as many as its fullest device share needs (one device:
+    ceil(rows / batch), sentence-transformers' count with its short last batch kept)."""
+    return max(math.ceil(r / pairs_per_device) for r in device_rows)
+
+
+# ----------------------------------------------------------------------------- the batch thread
+
+class Prefetch:
+    """Run `items` on a background thread, `depth` items ahead, so that the devices do not wait for
+    tokenised, packed batches; `wait_seconds` is how long the consumer waited nonetheless.
+    Exceptions are raised in the consumer."""
+
+    def __init__(self, items: Iterator, depth: int = 3):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._done = object()
+        self.wait_seconds = 0.0
+        self._thread = threading.Thread(target=self._produce, args=(items,), daemon=True, name="minilm-jax-input")
+        self._thread.start()
+
+    def _produce(self, items: Iterator) -> None:
+        try:
+            for item in items:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+        except BaseException as e:  # handed to the consumer, which raises it
+            self._queue.put(e)
+            return
+        self._queue.put(self._done)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        began = time.perf_counter()
+        item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - began
+        if item is self._done:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        while True:  # let a producer blocked on a full queue see the stop
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break

@@ -1,0 +1,218 @@
+"""One device's stream of one dataset: its pieces read in order, a window of rows at a time,
+each window shuffled; endless, epoch after epoch, and resumable from a small state.
+
+- Each epoch visits the device's pieces in an order drawn from (seed, epoch, dataset, device), and
+  reads them a window (`window_rows` records) at a time; a window is shuffled as one permutation.
+  The first window of dataset 0 on device 0 is drawn from `default_rng([seed, epoch])`, the
+  permutation data.epoch_permutation gave the whole data before streaming: data that fits one
+  window on one device is batched as it always was.
+- `take(k)` gives the rows of one device's share of a step: k of them, fewer only where the epoch
+  ends (sentence-transformers' short last batch). The next take starts the next epoch.
+- No duplicates (sentence-transformers' NO_DUPLICATES, sampler.py): a take walks the rows not yet
+  taken in order and takes each row none of whose texts the batch already holds; a conflicting row
+  is deferred and met first by the next walk. Rows still deferred when a window ends are carried
+  into the next one (ahead of its rows), so the walk runs across windows; it yields a short batch
+  only at the end of an epoch. Over one window this is sampler.no_duplicates_batches exactly.
+- `state()` after a take is all a resumed stream needs: the epoch, the window's index and where it
+  starts (a piece and an offset in it), how far the walk has gone, and the deferred and carried
+  rows. `restore(state)` re-reads that one window.
+- Memory: one window of raw records (lines' bytes, about 60-150 bytes a Quora row), never more.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from minilm_jax.errors import UserError
+from minilm_jax.input.sources import Piece, Reader
+
+
+class ShardStream:
+    def __init__(self, reader: Reader, pieces: list[Piece], *, seed: int, dataset: int, device: int,
+                 window_rows: int, no_duplicates: bool, positives_only: bool = False, add_swapped: bool = False,
+                 name: str = "", n_columns: int = 2):
+        self.reader, self.pieces = reader, list(pieces)
+        self.seed, self.dataset, self.device = seed, dataset, device
+        self.window_rows, self.no_duplicates = window_rows, no_duplicates
+        self.positives_only, self.add_swapped = positives_only, add_swapped
+        self.name, self.n_columns = name, n_columns
+        self.rows_read = 0  # records read from disk (re-reads of a window after a restore included)
+        self.epoch = -1  # nothing read yet: the first take (or a restore) reads the first window
+
+    # ------------------------------------------------------------------ windows
+
+    def _rng(self, *key: int) -> np.random.Generator:
+        return np.random.default_rng([self.seed, *key])
+
+    def _piece_order(self, epoch: int) -> list[int]:
+        if len(self.pieces) < 2:
+            return list(range(len(self.pieces)))
+        return self._rng(epoch, self.dataset, self.device, 1 << 20).permutation(len(self.pieces)).tolist()
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.order = epoch, self._piece_order(epoch)
+        self.carried: list[tuple] = []
+        self._load_window(0, (0, 0))
+        if not self.size and not self.last_window:
+            raise AssertionError("a window came back empty before its epoch's end")
+        if not self.size:
+            where = ", ".join(sorted({p.path for p in self.pieces})) or "no piece"
+            raise UserError(f"dataset {self.name}: device {self.device}'s share of the data holds no row ({where}); "
+                            "the data has fewer rows (or .csv/.gz files) than the run has devices: give more rows or "
+                            "files, use .tsv/.jsonl/.parquet (which are split by bytes or rows), or fewer devices")
+
+    def _load_window(self, window: int, start: tuple[int, int]) -> None:
+        """Read the window starting at `start` (position in the epoch's piece order, offset in that
+        piece) and draw its permutation."""
+        self.window, self.start = window, start
+        paths, raws, wheres = [], [], []
+        pos, offset = start
+        while pos < len(self.order) and len(raws) < self.window_rows:
+            piece = self.pieces[self.order[pos]]
+            need = self.window_rows - len(raws)
+            offset = max(offset, piece.start)
+            for block_raws, block_wheres, after in self.reader.read(piece, offset):
+                self.rows_read += len(block_raws)
+                if self.positives_only:
+                    keep = self._positives(piece, block_raws, block_wheres)
+                    block_raws = [block_raws[i] for i in keep]
+                    block_wheres = [block_wheres[i] for i in keep]
+                if len(block_raws) >= need:
+                    raws += block_raws[:need]
+                    wheres += block_wheres[:need]
+                    paths += [piece.path] * need
+                    offset = block_wheres[need] if len(block_raws) > need else after
+                    break
+                raws += block_raws
+                wheres += block_wheres
+                paths += [piece.path] * len(block_raws)
+                need -= len(block_raws)
+                offset = after
+            else:
+                pos, offset = pos + 1, 0
+                continue
+            if self._at_piece_end(piece, offset):
+                pos, offset = pos + 1, 0
+            break
+        self.next_start = (pos, offset)
+        self.last_window = pos >= len(self.order)
+        self.paths, self.raws, self.wheres = paths, raws, wheres
+        n = len(raws) * (2 if self.add_swapped else 1)
+        self.size = n
+        key = (self.epoch,) if (self.dataset, self.device, window) == (0, 0, 0) else (
+            self.epoch, self.dataset, self.device, window)
+        self.perm = self._rng(*key).permutation(n)
+        self.frontier = 0
+        self.deferred: dict[int, tuple] = {}  # window position -> its row, taken later
+
+    def _at_piece_end(self, piece: Piece, offset: int) -> bool:
+        fmt = self.reader.layouts[piece.path].fmt
+        if fmt.kind == "parquet" or fmt.splittable:
+            return offset >= piece.end
+        return False  # a whole file ends when its reader says so
+
+    def _positives(self, piece: Piece, raws: list, wheres: list) -> list[int]:
+        """The records labelled 1 (positives_only: the duplicates of a pair-class file)."""
+        keep = []
+        for i, (r, w) in enumerate(zip(raws, wheres)):
+            label = self.reader.parse(piece.path, r, w)[-1] * self.reader.score_scale
+            if label not in (0.0, 1.0):
+                raise UserError(f"{self.reader.where(piece.path, w)}: label {label:g} is not 0 or 1; positives_only "
+                                "keeps the rows labelled 1 (duplicates) of a pair-class file")
+            if label == 1.0:
+                keep.append(i)
+        return keep
+
+    def _row(self, position: int) -> tuple:
+        """The parsed row at a position of the window's permuted order."""
+        i = int(self.perm[position])
+        swapped = i >= len(self.raws)
+        if swapped:
+            i -= len(self.raws)
+        row = self.reader.parse(self.paths[i], self.raws[i], self.wheres[i])
+        if swapped:
+            row = (row[1], row[0], *row[2:])
+        return row
+
+    # ------------------------------------------------------------------ taking rows
+
+    def _exhausted(self) -> bool:
+        if self.epoch < 0:
+            return True
+        return self.frontier >= self.size and not self.deferred and not self.carried and self.last_window
+
+    def take(self, k: int, epoch: int | None = None) -> list[tuple]:
+        """The rows of one share of a step: k, fewer only at the end of an epoch; the next take
+        starts the next epoch. `epoch`: the run's epoch, where the run has epochs of a planned length:
+        the stream starts it if it is behind (leaving what it had not taken), and gives no rows
+        once it has taken all of it."""
+        if epoch is not None and epoch > self.epoch:
+            self._start_epoch(epoch)
+        elif self._exhausted():
+            if epoch is not None and self.epoch >= 0:
+                return []
+            self._start_epoch(self.epoch + 1)
+        if not self.no_duplicates:
+            return self._take_in_order(k)
+        return self._walk(k)
+
+    def _take_in_order(self, k: int) -> list[tuple]:
+        rows = []
+        while len(rows) < k:
+            if self.frontier >= self.size:
+                if self.last_window:
+                    break
+                self._load_window(self.window + 1, self.next_start)
+                continue
+            end = min(self.size, self.frontier + k - len(rows))
+            rows += [self._row(p) for p in range(self.frontier, end)]
+            self.frontier = end
+        return rows
+
+    def _walk(self, k: int) -> list[tuple]:
+        batch, seen = [], set()
+
+        def fits(row) -> bool:
+            texts = row[:self.n_columns]
+            if seen.isdisjoint(texts):
+                batch.append(row)
+                seen.update(texts)
+                return True
+            return False
+
+        # carried rows, then deferred ones, then the window from the frontier on: the walk's order
+        kept = []
+        for row in self.carried:
+            if len(batch) >= k or not fits(row):
+                kept.append(row)
+        self.carried = kept
+        for position in sorted(self.deferred):
+            if len(batch) >= k:
+                break
+            if fits(self.deferred[position]):
+                del self.deferred[position]
+        while len(batch) < k:
+            if self.frontier >= self.size:
+                if self.last_window:
+                    break
+                self.carried += [self.deferred[p] for p in sorted(self.deferred)]
+                self._load_window(self.window + 1, self.next_start)
+                continue
+            row = self._row(self.frontier)
+            if not fits(row):
+                self.deferred[self.frontier] = row
+            self.frontier += 1
+        return batch
+
+    # ------------------------------------------------------------------ resuming
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "window": self.window, "start": list(self.start), "frontier": self.frontier,
+                "deferred": sorted(self.deferred), "carried": [list(r) for r in self.carried]}
+
+    def restore(self, state: dict) -> None:
+        self.epoch, self.order = state["epoch"], self._piece_order(state["epoch"])
+        self._load_window(state["window"], tuple(state["start"]))
+        self.frontier = state["frontier"]
+        self.deferred = {p: self._row(p) for p in state["deferred"]}
+        self.carried = [tuple(r) for r in state["carried"]]
