@@ -380,6 +380,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     stopped_at = None  # the step a stop signal ended the training at
     done = saved = start_step  # steps dispatched; the step of the latest checkpoint (or the run's start)
     input_after = None  # the streams' state after the latest dispatch
+    general_steps = 0  # steps run in the general shape
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
@@ -430,6 +431,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 # asynchronous (not a single CPU device: host_memory.py).
                 settle(pending)
             pending = (first, n, metrics)
+            general_steps += _general_count(dispatch)
             end = done = first + n
             input_after = input_state
             epoch_end = schedule.ends_epoch(first, n) or end == total_steps
@@ -475,7 +477,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     try:
         final_params = from_devices(p_state.params, n_global)
         final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
-        run_report = {**compiler.report(), "steps": total_steps - start_step,
+        run_report = {**compiler.report(), "general_steps": general_steps, "steps": total_steps - start_step,
                       "data_wait_seconds": round(items.wait_seconds, 3)}
         if is_main:
             export_run(cfg, out, model.replace(params=final_params), run_data, pipeline.samples, final_eval,
@@ -484,6 +486,15 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         checkpoints.wait()
     checkpoints.close()
     return {**{k: v for _, metrics in final_eval for k, v in metrics.items()}, **run_report}
+
+
+def _general_count(dispatch: data_lib.Dispatch) -> int:
+    """How many of a dispatch's steps run in the general shape."""
+    if dispatch.program != "general":
+        return 0
+    if "kind" not in dispatch.arrays:
+        return dispatch.n
+    return int(np.sum(dispatch.arrays["kind"][0] == data_lib.GENERAL))
 
 
 def _barrier_seconds() -> int:

@@ -95,29 +95,6 @@ def test_cached_loss_trains_as_the_uncached_one(tiny, data_dir, tmp_path):
     assert_same(plain, cached, 5)
 
 
-def test_no_duplicate_texts_in_a_batch(jax_model, data_dir):
-    """The batches train.py takes for an in-batch-negative loss: no text twice in any batch, every
-    row once per epoch, although Quora questions recur."""
-    from minilm_jax import train_lib
-    from minilm_jax.pairs import load_pairs
-
-    pairs = load_pairs(str(data_dir / "quora_train.tsv"), positives_only=True)
-    cfg = train_lib.TrainConfig(loss="MultipleNegativesRankingLoss", batch_size=64, positives_only=True)
-    plan = train_lib.batch_plan(cfg, pairs, train_lib.build_loss(cfg))
-    texts = pairs.columns()
-    assert len({t for column in texts for t in column}) < 2 * len(pairs)  # texts do recur
-    seen = []
-    for step in range(plan.epoch_start(1)):
-        rows = plan.indices(step)
-        # A row's own texts may be equal (a few Quora pairs repeat a question); two rows never share one.
-        batch_texts = [t for i in rows for t in {column[i] for column in texts}]
-        assert len(set(batch_texts)) == len(batch_texts), f"step {step} holds a text twice"
-        seen += rows.tolist()
-    assert sorted(seen) == list(range(len(pairs)))
-    shuffled = train_lib.batch_plan(cfg.__class__(batch_size=64), pairs, train_lib.build_loss(cfg.__class__()))
-    assert shuffled.epoch_start(1) == -(-len(pairs) // 64)
-
-
 @pytest.mark.parametrize("extra, needles", [
     (["--loss", "CoSENTLoss", "--negative-column", "score"], ["CoSENTLoss", "2 text columns"]),
     (["--loss", "CoSENTLoss", "--loss-param", "scale=high"], ["scale", "float"]),

@@ -392,7 +392,13 @@ class Reader:
                                 "fix the row")
         if not layout.has_score:
             return (*values[:n_texts], 1.0)
-        number = _parse_score(values[n_texts], self.where(path, where))
+        value = values[n_texts]
+        try:  # the usual case first; the row's line is looked up only for an error
+            number = float(value) if not isinstance(value, (bool, str)) or value.strip() else None
+        except (TypeError, ValueError):
+            number = None
+        if number is None or not math.isfinite(number) or isinstance(value, bool):
+            number = _parse_score(value, self.where(path, where))
         score = number / self.score_scale
         if self.unit_interval and not 0.0 <= score <= 1.0:
             raise UserError(f"{self.where(path, where)}: score {values[n_texts]} is outside [0, 1] (CosineSimilarityLoss "

@@ -36,7 +36,7 @@ class ShardStream:
         self.window_rows, self.no_duplicates = window_rows, no_duplicates
         self.positives_only, self.add_swapped = positives_only, add_swapped
         self.name, self.n_columns = name, n_columns
-        self.rows_read = 0  # records read from disk (re-reads of a window after a restore included)
+        self.rows_read = 0  # records read into windows (a window re-read after a restore included)
         self.epoch = -1  # nothing read yet: the first take (or a restore) reads the first window
 
     # ------------------------------------------------------------------ windows
@@ -72,7 +72,6 @@ class ShardStream:
             need = self.window_rows - len(raws)
             offset = max(offset, piece.start)
             for block_raws, block_wheres, after in self.reader.read(piece, offset):
-                self.rows_read += len(block_raws)
                 if self.positives_only:
                     keep = self._positives(piece, block_raws, block_wheres)
                     block_raws = [block_raws[i] for i in keep]
@@ -94,6 +93,7 @@ class ShardStream:
             if self._at_piece_end(piece, offset):
                 pos, offset = pos + 1, 0
             break
+        self.rows_read += len(raws)
         self.next_start = (pos, offset)
         self.last_window = pos >= len(self.order)
         self.paths, self.raws, self.wheres = paths, raws, wheres
@@ -207,10 +207,15 @@ class ShardStream:
     # ------------------------------------------------------------------ resuming
 
     def state(self) -> dict:
+        if self.epoch < 0:
+            return {"epoch": -1}  # nothing taken yet
         return {"epoch": self.epoch, "window": self.window, "start": list(self.start), "frontier": self.frontier,
                 "deferred": sorted(self.deferred), "carried": [list(r) for r in self.carried]}
 
     def restore(self, state: dict) -> None:
+        if state["epoch"] < 0:
+            self.epoch = -1
+            return
         self.epoch, self.order = state["epoch"], self._piece_order(state["epoch"])
         self._load_window(state["window"], tuple(state["start"]))
         self.frontier = state["frontier"]
