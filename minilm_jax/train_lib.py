@@ -200,10 +200,13 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
         for p in programs:
             p.prepare("general")
         evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
+        pipeline = input_pipeline(cfg, model, run_data, programs)
+        if not (out / "checkpoints").is_dir():
+            pipeline.check_head()
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock_output(out)
         try:
-            return _run(cfg, out, progress, model, run_data, programs, evaluators, signals)
+            return _run(cfg, out, progress, model, run_data, pipeline, programs, evaluators, signals)
         finally:
             if lock is not None:
                 lock.release()
@@ -321,8 +324,20 @@ def _input_state(pipeline_state: dict, step: int) -> dict:
     return {"step": step, "streams": merged}
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, programs: list[TrainPrograms],
-         evaluators: list, signals: StopSignals) -> dict:
+def input_pipeline(cfg: TrainConfig, model, run_data: RunData, programs: list[TrainPrograms]) -> InputPipeline:
+    """The run's input: this host's streams of every dataset, laid out for the step programs."""
+    from minilm_jax.input.hosts import FitAgreement
+
+    n_global, n_local = jax.device_count(), jax.local_device_count()
+    layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
+    return InputPipeline(list(run_data.datasets), run_data.schedule, model.tokenizer, layout=layout,
+                         shapes=[p.spec.shapes for p in programs], steps_per_dispatch=cfg.steps_per_dispatch,
+                         seed=cfg.seed, window_rows=cfg.shuffle_window, no_duplicates=run_data.no_duplicates,
+                         agree=FitAgreement() if jax.process_count() > 1 else None)
+
+
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, pipeline: InputPipeline,
+         programs: list[TrainPrograms], evaluators: list, signals: StopSignals) -> dict:
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -334,13 +349,6 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     total_steps = total_steps_of(cfg, run_data)
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
-    layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
-    from minilm_jax.input.hosts import FitAgreement
-
-    pipeline = InputPipeline(list(run_data.datasets), schedule, model.tokenizer, layout=layout,
-                             shapes=[p.spec.shapes for p in programs], steps_per_dispatch=cfg.steps_per_dispatch,
-                             seed=cfg.seed, window_rows=cfg.shuffle_window, no_duplicates=run_data.no_duplicates,
-                             agree=FitAgreement() if jax.process_count() > 1 else None)
 
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     if checkpoints.latest_step() is not None:

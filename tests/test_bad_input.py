@@ -586,7 +586,7 @@ CASES = [
 
     # --- train.py (in-process, two as subprocesses)
     Case("train-dataset-and-train-file", "train.py", _train(lambda ctx: ctx.tsv(), "--dataset", "some/dataset"),
-         error=(2, "--dataset and --train-file both name the training data", "give one of them"),
+         error=(2, "--dataset, --train-file and --data-config each name the training data", "give one of them"),
          watch=_run_dir, subprocess=True),
     Case("train-batch-size-0", "train.py", _train(lambda ctx: ctx.tsv(), "--batch-size", "0"),
          error=(2, "--batch-size must be at least 1"), watch=_run_dir),

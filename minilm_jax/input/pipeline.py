@@ -40,6 +40,7 @@ from minilm_jax.input.stream import ShardStream
 # Rows tokenised in one call of the tokenizer (its batch encoder runs on every core): several
 # dispatches' worth, so that the call's overhead is shared.
 TOKENIZE_ROWS = 2048
+CHECK_ROWS = 65536  # rows of each stream parsed before a new run starts (about 0.1 s)
 SAMPLE_ROWS = 1000  # rows of each dataset kept for the model card, as sentence-transformers' card takes
 
 
@@ -94,6 +95,14 @@ class InputPipeline:
         return ShardStream(reader, ds.pieces[device], seed=seed, dataset=ds.index, device=device,
                            window_rows=window_rows, no_duplicates=no_duplicates, positives_only=ds.spec.positives_only,
                            add_swapped=ds.spec.add_swapped, name=ds.spec.name, n_columns=ds.n_columns)
+
+    def check_head(self, rows: int = CHECK_ROWS) -> None:
+        """Parse the first rows of every local stream (all of a dataset whose share fits), so that a bad
+        row there stops a new run before its output folder is made; a bad row further on stops the
+        run when a batch reaches it, naming its file and line, with the checkpoints it wrote intact."""
+        for streams in self.streams:
+            for stream in streams:
+                stream.check(rows)
 
     # ------------------------------------------------------------------ state
 

@@ -402,7 +402,7 @@ class Reader:
         score = number / self.score_scale
         if self.unit_interval and not 0.0 <= score <= 1.0:
             raise UserError(f"{self.where(path, where)}: score {values[n_texts]} is outside [0, 1] (CosineSimilarityLoss "
-                            "needs labels in [0, 1]); for 0-5 STS scores give a score scale of 5")
+                            "needs labels in [0, 1]); for 0-5 STS scores pass --score-scale 5 (or \"score_scale\": 5 in the data config)")
         return (*values[:n_texts], score)
 
     def where(self, path: str, where: int) -> str:

@@ -204,6 +204,14 @@ class ShardStream:
             self.frontier += 1
         return batch
 
+    def check(self, rows: int) -> None:
+        """Read the first window and parse its first `rows` records, so that a bad row there is
+        reported before a run starts (the window stays loaded for the first take)."""
+        if self.epoch < 0:
+            self._start_epoch(0)
+        for i in range(min(rows, len(self.raws))):
+            self.reader.parse(self.paths[i], self.raws[i], self.wheres[i])
+
     # ------------------------------------------------------------------ resuming
 
     def state(self) -> dict:
