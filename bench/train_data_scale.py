@@ -22,6 +22,7 @@ For each size, one process after the other (never two at a time), each a fresh p
                        recipe's settings (batch 16, no evaluation, no saving), HF_DATASETS_CACHE an empty folder:
                        datasets first converts the file to Arrow;
   theirs, cache filled: the same with the Arrow cache the previous run wrote.
+Both run with the caller's TOKENIZERS_PARALLELISM (printed; unset, as in a user's shell, unless set).
 Measured per process, from the moment it is started (Popen):
   first step: ours, when metrics.jsonl first holds a record of step >= 1 (polled every 20 ms). train.py writes the
               record of step n only after step n+1 is dispatched (its metrics are fetched one step late, so the
@@ -297,7 +298,9 @@ def ratio_lines(sizes: dict) -> list[str]:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    common.script_setup(args)
+    # Both sides run in the environment a user's shell gives them: the tokenizers library's thread pool (which
+    # today's train.py uses to tokenise all the data before the first step) is left on unless the caller turns it off.
+    common.script_setup(args, tokenizer_threads=True)
     if args.worker:
         result = st_worker(args)
         Path(args.worker_out, "result.json").write_text(json.dumps(result), encoding="utf-8")
@@ -309,6 +312,7 @@ def main(argv=None) -> int:
     say(f"# bench/train_data_scale.py  {' '.join(sys.argv[1:] if argv is None else argv)}")
     say(f"machine: {common.machine_line()}")
     say(common.versions_line(("accelerate", "pandas")))
+    say(f"TOKENIZERS_PARALLELISM: {os.environ.get('TOKENIZERS_PARALLELISM', 'unset')}")
     results = {"argv": sys.argv[1:] if argv is None else argv, "machine": common.machine_line(),
                "versions": common.versions_line(("accelerate", "pandas")), "loadavg_start": load(), "sizes": {}}
     say(f"/proc/loadavg at the start: {results['loadavg_start']}")
