@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how several datasets share the steps, each batch from one dataset: proportional (every "
                    "row once per epoch), round-robin (in turn, the epoch ends with the smallest) or weighted (each "
                    "step draws its dataset by weight) (default: %(default)s)")
+    g.add_argument("--data-shards", type=int, default=d.data_shards,
+                   help="read each dataset as this many streams, each giving batch / shards rows to every step; a "
+                   "multiple of the device count and a divisor of --batch-size. The batch order depends on it, not "
+                   "on the devices: runs with the same value train alike on any device count that divides it, and "
+                   "resume on one. 0: one per device (default: %(default)s)")
     g.add_argument("--shuffle-window", type=int, default=d.shuffle_window,
                    help="rows shuffled together: each device reads its share of the data this many rows at a "
                    "time and shuffles them; memory grows with it, not with the data (default: %(default)s)")

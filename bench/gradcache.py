@@ -116,12 +116,19 @@ def loss_config(loss: str, batch_size: int, args, train_file: str, steps: int):
 
 def load_tokens(cfg, model):
     """The positives of the train file, tokenised; train.py's batch plan for the loss; the rows."""
-    from minilm_jax import data as data_lib, train_lib
+    from minilm_jax import data as data_lib
+    from minilm_jax.pairs import load_pairs
 
-    loss = train_lib.build_loss(cfg)
-    run_data = train_lib.load_run_data(cfg, loss)
-    return (data_lib.tokenize_pairs(run_data.train, model.tokenizer), train_lib.batch_plan(cfg, run_data.train, loss),
-            run_data.train)
+    rows = load_pairs(cfg.train_file[0], positives_only=True)
+    return data_lib.tokenize_pairs(rows, model.tokenizer), no_duplicates_plan(cfg, rows), rows
+
+
+def no_duplicates_plan(cfg, rows):
+    """sentence-transformers' NO_DUPLICATES batches of the rows (sampler.py), for both losses alike."""
+    from minilm_jax import data as data_lib
+    from minilm_jax.sampler import text_ids
+
+    return data_lib.BatchPlan(len(rows), cfg.batch_size, cfg.seed, text_ids(rows.columns()))
 
 
 def digest(anchors, positives) -> str:
@@ -164,7 +171,7 @@ def ours_worker(args) -> None:
         tokens, plan, rows = load_tokens(cfg, model)
         # Both losses draw the same batches: train.py's no-duplicates plan of the same rows and seed.
         cached_cfg = loss_config(CACHED, args.batch_size, args, train_file, args.steps)
-        cached_plan = train_lib.batch_plan(cached_cfg, rows, train_lib.build_loss(cached_cfg))
+        cached_plan = no_duplicates_plan(cached_cfg, rows)
         assert all((plan.indices(s) == cached_plan.indices(s)).all() for s in range(args.steps)), "plans differ"
         state.update(jax=jax, model=model, tokens=tokens, plan=plan, data_lib=data_lib, train_lib=train_lib,
                      train_step=train_step, train_file=train_file, losses={})
@@ -189,9 +196,7 @@ def ours_worker(args) -> None:
         tx = train_lib.make_optimizer(cfg)
         spec = train_lib.step_spec(cfg, model, 1)
         compiler = AheadOfTime()
-        programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx),
-                                           tokens=state["tokens"], plan=state["plan"], total_steps=args.steps,
-                                           batch_size=args.batch_size)
+        programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx))
         state["losses"][loss] = s = {"spec": spec, "compiler": compiler, "programs": programs,
                                      "rates": train_lib.learning_rates(cfg, args.steps), "tx": tx.as_inputs(),
                                      "rng": jax.random.PRNGKey(SEED)}
@@ -353,8 +358,7 @@ def memory_worker(args, kind: str, loss: str, train_file: str, out: Path) -> dic
     dispatches = [next(data_lib.dispatch_groups(tokens, layout, shapes, plan, s, s + 1, 1)) for s in steps]
     tx = train_lib.make_optimizer(cfg)
     compiler = AheadOfTime()
-    programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx), tokens=tokens,
-                                       plan=plan, total_steps=steps_per_epoch, batch_size=cfg.batch_size)
+    programs = train_lib.TrainPrograms(spec, 1, compiler, train_step.init_state(model.params, tx))
     plans = {}
     for program in sorted({d.program for d in dispatches}):
         analysis = programs.get(program).memory_analysis()

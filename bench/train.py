@@ -114,12 +114,9 @@ def ours_worker(args) -> None:
                 assert np.array_equal(common.batch_indices(len(tokens), bs, SEED, step),
                                       data_lib.batch_indices(len(tokens), bs, SEED, step)), "batch order differs"
         state.update(jax=jax, np=np, model=model, tokens=tokens, data_lib=data_lib)
-        from minilm_jax import train_lib
-        from minilm_jax.trained_rows import TrainedRows
-
-        # As train.py: the train state holds the word-embedding rows the data uses, its ids renumbered.
-        state["rows"] = TrainedRows.for_data(tokens, model.config.vocab_size, train_lib.TrainConfig().weight_decay)
-        state["trained_tokens"] = state["rows"].renumber(tokens)
+        # As train.py: the train state holds the whole word-embedding table (the data streams, so the
+        # rows it uses are not known ahead).
+        state["trained_tokens"] = tokens
         dev = jax.devices()[0]
         return {"load_s": load_s, "tokenize_s": tokenize_s, "n_pairs": len(tokens),
                 "device": f"{dev.platform}:{getattr(dev, 'device_kind', '')}, CPUs {sorted(os.sched_getaffinity(0))}",
@@ -141,7 +138,7 @@ def ours_worker(args) -> None:
         tx = train_lib.make_optimizer(cfg)
         spec = train_lib.step_spec(cfg, model, 1)
         state.pop("p_state", None)
-        p_state = train_step.to_devices(train_step.init_state(state["rows"].train_params(model.params), tx), 1)
+        p_state = train_step.to_devices(train_step.init_state(model.params, tx), 1)
         programs = {p: train_step.step_program(spec, p, 1) for p in train_step.PROGRAMS}
         state.update(programs=programs, spec=spec, rng=jax.random.PRNGKey(SEED), tx=tx.as_inputs(),
                      rates=train_lib.learning_rates(cfg, args.steps))

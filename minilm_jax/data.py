@@ -296,14 +296,14 @@ def _general_packing(sentences: list, shapes: StepShapes) -> list[list[int]]:
 
 
 def _pair_arrays(data: TokenizedPairs, indices: np.ndarray, layout: BatchLayout, device: int) -> dict:
-    """labels/weights [pairs] (weight 0: padding of a short last batch), count [] (real pairs in the
-    whole global batch: the loss's denominator)."""
+    """labels/weights [pairs] (weight 0: padding of a short last batch; the step sums the weights of
+    every device into the loss's denominator)."""
     b = layout.pairs_per_device
     mine = indices[device * b:(device + 1) * b]
     labels, weights = np.zeros(b, np.float32), np.zeros(b, np.float32)
     labels[:len(mine)] = data.labels[mine]
     weights[:len(mine)] = 1.0
-    return {"labels": labels, "weights": weights, "count": np.float32(len(indices))}
+    return {"labels": labels, "weights": weights}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,8 +398,7 @@ def _as_plan(plan: BatchPlan | int, data: TokenizedPairs, layout: BatchLayout) -
 
 
 def _empty_pair_arrays(shapes: StepShapes) -> dict:
-    return {"labels": np.zeros(shapes.pairs, np.float32), "weights": np.zeros(shapes.pairs, np.float32),
-            "count": np.float32(1.0)}
+    return {"labels": np.zeros(shapes.pairs, np.float32), "weights": np.zeros(shapes.pairs, np.float32)}
 
 
 def _stack(trees: list) -> dict:

@@ -37,6 +37,7 @@ class TrainConfig:
     dataset_weight: tuple = ()  # "NAME=WEIGHT" of the weighted sampler
     multi_dataset_sampler: str = "proportional"
     shuffle_window: int = SHUFFLE_WINDOW
+    data_shards: int = 0  # streams per dataset (input/pipeline.py); 0: one per device
     eval_file: str | None = None
     dataset: str | None = None  # a hub dataset; None with no files: the reference's quora-duplicates
     dataset_subset: str | None = None
@@ -106,6 +107,8 @@ class TrainConfig:
         if self.multi_dataset_sampler not in MULTI_DATASET_SAMPLERS:
             raise UsageError(f"--multi-dataset-sampler must be one of {', '.join(MULTI_DATASET_SAMPLERS)}, "
                              f"got {self.multi_dataset_sampler!r}")
+        if self.data_shards < 0:
+            raise UsageError(f"--data-shards must be 0 (one per device) or more, got {self.data_shards}")
         if self.shuffle_window < 1:
             raise UsageError(f"--shuffle-window must be at least 1, got {self.shuffle_window}")
         if self.checkpoint_every % self.steps_per_dispatch:

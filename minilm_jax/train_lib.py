@@ -23,7 +23,7 @@ from minilm_jax import data as data_lib
 from minilm_jax.ahead_of_time import AheadOfTime
 from minilm_jax.errors import Stopped, UsageError, UserError
 from minilm_jax.input import RunData, open_run_data
-from minilm_jax.input.pipeline import InputPipeline, Prefetch
+from minilm_jax.input.pipeline import InputPipeline, Prefetch, first_rows
 from minilm_jax.optimizer import AdamW
 from minilm_jax.preemption import StopAgreement, StopSignals
 from minilm_jax.run_export import export_run
@@ -277,7 +277,6 @@ class TrainPrograms:
         if program not in self.spec.shapes.programs or self.compiler.submitted(self.key(program)):
             return
         batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
-        del batches["count"]  # computed in the program from the weights: a host knows only its own rows
         batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
         rng = np.zeros((2,), np.uint32)
         self.compiler.submit(self.key(program), step_program(self.spec_of(program), program, self.n_global),
@@ -314,14 +313,14 @@ def total_steps_of(cfg: TrainConfig, run_data: RunData) -> int:
     return cfg.max_steps or cfg.epochs * run_data.schedule.steps_per_epoch
 
 
-def _input_state(pipeline_state: dict, step: int) -> dict:
+def _input_state(pipeline_state: dict, step: int, shards: int) -> dict:
     """Every host's streams' positions (each host knows only its own devices')."""
     from minilm_jax.input.hosts import exchange
 
     merged = {}
     for part in exchange(f"state/{step}", pipeline_state):
         merged.update(part)
-    return {"step": step, "streams": merged}
+    return {"step": step, "shards": shards, "streams": merged}
 
 
 def input_pipeline(cfg: TrainConfig, model, run_data: RunData, programs: list[TrainPrograms]) -> InputPipeline:
@@ -354,6 +353,11 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     if checkpoints.latest_step() is not None:
         state, input_state = checkpoints.restore(init_state(model.params, tx))
         state = jax.device_get(state)
+        if input_state.get("shards") != run_data.n_shards:
+            raise UserError(f"the checkpoint of step {int(state.step)} read the data as {input_state.get('shards')} "
+                            f"shards and this run as {run_data.n_shards} (--data-shards, default one per device): "
+                            f"resume with --data-shards {input_state.get('shards')} on a device count that divides it, "
+                            "or start again in a new --output-dir")
         pipeline.restore(input_state["streams"])
     else:
         state = init_host_state(model.params, tx)
@@ -410,7 +414,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         return every > 0 and (first + n) // every > first // every
 
     def save():
-        checkpoints.save(from_devices(p_state, n_global), _input_state(input_after, done))
+        checkpoints.save(from_devices(p_state, n_global), _input_state(input_after, done, run_data.n_shards))
 
     signals.training_began()  # a stop signal from here on is answered with a checkpoint
     try:
@@ -486,9 +490,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         final_params = from_devices(p_state.params, n_global)
         final_eval = last_eval[total_steps] if total_steps in last_eval else evaluate(final_params)
         run_report = {**compiler.report(), "general_steps": general_steps, "steps": total_steps - start_step,
-                      "data_wait_seconds": round(items.wait_seconds, 3)}
+                      "data_wait_seconds": round(items.wait_seconds, 3), "rows_read": pipeline.rows_read()}
         if is_main:
-            export_run(cfg, out, model.replace(params=final_params), run_data, pipeline.samples, final_eval,
+            export_run(cfg, out, model.replace(params=final_params), run_data,
+                       [first_rows(ds) for ds in run_data.datasets], final_eval,
                        total_steps, n_global, programs[0].spec.loss)
     finally:
         checkpoints.wait()

@@ -90,11 +90,10 @@ def _objective(emb_SxD, batch: dict, spec: StepSpec, axis_name: str | None, loss
     """This device's share of the global batch's loss (the shares sum to it over devices)."""
     shapes = spec.shapes
     columns_CxBxD = emb_SxD.reshape(shapes.columns, shapes.pairs, emb_SxD.shape[-1])
-    if "count" in batch:
-        count = batch["count"]
-    else:  # the real rows of the global batch, from every device's weights (a host knows only its own rows)
-        count = jnp.sum(batch["weights"])
-        count = jnp.maximum(jax.lax.psum(count, axis_name) if axis_name else count, 1.0)
+    # The loss's denominator: the real rows of the global batch, from every device's weights (each host
+    # knows only its own rows).
+    count = jnp.sum(batch["weights"])
+    count = jnp.maximum(jax.lax.psum(count, axis_name) if axis_name else count, 1.0)
     return spec.loss.local_loss(columns_CxBxD, batch["labels"], batch["weights"], count, axis_name, rng=loss_rng)
 
 
@@ -207,7 +206,7 @@ def train_step(state: TrainState, batch: dict, rng: jax.Array, tx: AdamW, *, spe
     """One optimizer step on one device's share of the batch: (state, batch, rng, tx) -> (state, metrics).
 
     batch: one step of a data.Dispatch of `program` (the packed layout(s), labels/weights [pairs],
-    count [], learning_rate [], and with several steps per dispatch `kind`). Gradients are summed
+    learning_rate [], and with several steps per dispatch `kind`). Gradients are summed
     over devices; a step whose loss or gradient is not finite is reported in the metrics
     (`finite`) for the host to stop on.
     """

@@ -198,8 +198,11 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(setup, refere
     initial = tensors(Path(setup["tiny"]))
     moved = [k for k, v in tensors(two / "model").items() if not np.array_equal(v, initial[k])]
     assert len(moved) > len(initial) // 2, f"training changed only {moved}"
-    # What each process measured about itself (compilation, steps) is not an evaluation.
-    own = {"output_dir", "model", "general_steps", "steps", *SELF_MEASURED} - {"pairs_per_second"}
+    # Each process reads only its own devices' share of the data: together what one process of 4 reads.
+    read = {name: result["rows_read"] for name, result in reference["result"].items()}
+    assert 0 < read["p0"] < read["p0"] + read["p1"] == read["four"], read
+    # What each process measured about itself (compilation, steps, rows read) is not an evaluation.
+    own = {"output_dir", "model", "general_steps", "steps", "rows_read", *SELF_MEASURED} - {"pairs_per_second"}
     assert all(own - {"output_dir", "model"} <= set(result) for result in reference["result"].values())  # an eval file
     metrics = {name: {k: v for k, v in result.items() if k not in own} for name, result in reference["result"].items()}
     assert set(metrics["p0"]) == {"pearson_cosine", "spearman_cosine"}
@@ -248,6 +251,45 @@ def test_both_killed_after_a_checkpoint_resume_to_the_uninterrupted_model_on_2_o
     assert steps == list(range(1, STEPS + 1)), steps  # the resumed run kept the records up to its checkpoint
     assert_same_weights(out, reference["two"], exact=True)
     assert_same_weights(moved, reference["two"])
+
+
+def test_two_datasets_on_two_processes_killed_and_resumed_give_the_uninterrupted_model(setup, data_dir):
+    """Two datasets of their own losses on 2 processes x 2 devices, each process reading its devices'
+    share: killed after a checkpoint and resumed, the uninterrupted run's model, bit for bit."""
+    base = setup["base"]
+    stsb = write_subset(data_dir / "stsb_train.tsv", base / "stsb.tsv", 30)
+    config = base / "two-datasets.json"
+    config.write_text(json.dumps([
+        {"name": "quora", "files": str(setup["data"]), "loss": "MultipleNegativesRankingLoss"},
+        {"name": "stsb", "files": str(stsb), "loss": "CoSENTLoss", "score_scale": 5}]))
+
+    def args(out: Path) -> list[str]:
+        plain = train_args(setup, out, "--multi-dataset-sampler", "round-robin")
+        i = plain.index("--train-file")
+        return plain[:i] + ["--data-config", str(config)] + plain[i + 2:]
+
+    straight, killed = base / "two-datasets", base / "two-datasets-killed"
+    port = free_port()
+    with Runs(base / "logs-two-datasets") as runs:
+        runs.start("p0", args(straight) + process_args(port, 0), env_for(setup, 2))
+        runs.start("p1", args(straight) + process_args(port, 1), env_for(setup, 2))
+        for name in ("p0", "p1"):
+            assert_ok(runs.wait(name))
+    port = free_port()
+    with Runs(base / "logs-two-datasets-killed") as runs:
+        runs.start("p0", args(killed) + process_args(port, 0), env_for(setup, 2))
+        runs.start("p1", args(killed) + process_args(port, 1), env_for(setup, 2))
+        wait_for(complete_checkpoint(killed, EVERY), runs, ["p0", "p1"], f"checkpoint {EVERY}")
+        runs.kill("p0", "p1")
+    assert not (killed / "model").exists(), "the run finished before it was killed"
+    port = free_port()
+    with Runs(base / "logs-two-datasets-resumed") as runs:
+        runs.start("p0", args(killed) + process_args(port, 0), env_for(setup, 2))
+        runs.start("p1", args(killed) + process_args(port, 1), env_for(setup, 2))
+        for name in ("p0", "p1"):
+            assert_ok(runs.wait(name))
+    assert [r["step"] for r in step_records(killed)] == list(range(1, STEPS + 1))
+    assert_same_weights(killed, straight, exact=True)
 
 
 @pytest.mark.parametrize("victim", [1, 0])

@@ -46,7 +46,8 @@ def triplets(data_dir, tmp_path_factory):
 def mnrl_args(tiny, train, out, loss="MultipleNegativesRankingLoss", *extra) -> list:
     return ["--model", tiny, "--train-file", train, "--output-dir", out, "--loss", loss,
             "--sentence1-column", "anchor", "--sentence2-column", "positive", "--negative-column", "negative",
-            "--batch-size", 16, "--no-dropout", "--log-every", 1, "--checkpoint-every", 1000, "--no-progress", *extra]
+            "--batch-size", 16, "--data-shards", 8, "--no-dropout", "--log-every", 1, "--checkpoint-every", 1000,
+            "--no-progress", *extra]
 
 
 def assert_same(a, b, n_steps: int) -> None:

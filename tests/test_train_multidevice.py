@@ -1,7 +1,8 @@
 """Data parallelism does not change the result: train.py on 8 fake CPU devices gives the same
-weights and losses as on 1 device (dropout off, so both compute the same function; only float
-summation order differs), also when the last batch of an epoch is short and some devices get
-fewer pairs or none at all.
+weights and losses as on 1 device, both reading the data as 8 shards (--data-shards 8: the batch
+order depends on the shards, not on the devices; dropout off, so both compute the same function;
+only float summation order differs), also when a shard's epoch ends and some devices get fewer
+pairs or none at all.
 
 Each run is a subprocess: the fake device count must be in XLA_FLAGS before jax is imported, and
 the collective timeouts turn a cross-device deadlock into an abort after ~5 s instead of a hang.
@@ -95,7 +96,8 @@ def tiny(tmp_path_factory, model_path) -> Path:
 
 def common_args(tiny: Path, train_file: Path, out: Path, max_steps: int) -> list:
     return ["--model", tiny, "--train-file", train_file, "--output-dir", out, "--max-steps", max_steps,
-            "--batch-size", 16, "--no-dropout", "--log-every", 1, "--checkpoint-every", 1000, "--no-progress"]
+            "--batch-size", 16, "--data-shards", 8, "--no-dropout", "--log-every", 1, "--checkpoint-every", 1000,
+            "--no-progress"]
 
 
 def test_8_devices_match_1_device(tiny, data_dir, tmp_path):

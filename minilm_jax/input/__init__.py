@@ -12,7 +12,7 @@ import dataclasses
 
 import numpy as np
 
-from minilm_jax.errors import UserError
+from minilm_jax.errors import UsageError, UserError
 from minilm_jax.input.pipeline import DatasetInput, batches_per_epoch, count_rows, open_dataset
 from minilm_jax.input.schedule import Schedule
 from minilm_jax.input.sources import MemoryReader
@@ -32,20 +32,31 @@ class RunData:
     group_prompts: tuple[tuple[str, ...], ...]  # its columns' prompts
     no_duplicates: tuple[bool, ...]  # per dataset
     schedule: Schedule
-    device_rows: tuple | None  # per dataset, the rows of every device's share, where counted
+    shard_rows: tuple | None  # per dataset, the rows of every shard, where counted
     eval: Pairs | None
     train_name: str
     eval_name: str | None
 
     def rows(self, dataset: int) -> int | None:
-        return None if self.device_rows is None else int(sum(self.device_rows[dataset]))
+        return None if self.shard_rows is None else int(sum(self.shard_rows[dataset]))
+
+    @property
+    def n_shards(self) -> int:
+        return len(self.datasets[0].pieces)
 
 
 def open_run_data(cfg, model, n_devices: int, local_devices: range) -> RunData:
-    """The run's datasets, opened and checked (cfg: a TrainConfig; model: an encode.Model)."""
+    """The run's datasets, opened and checked (cfg: a TrainConfig; model: an encode.Model), read as
+    --data-shards shards (default: one per device), of which `local_devices` own theirs."""
     from minilm_jax.train_lib import column_prompts, uses_no_duplicates
 
     specs = dataset_specs(cfg)
+    n_shards = cfg.data_shards or n_devices
+    if n_shards % n_devices or cfg.batch_size % n_shards:
+        raise UsageError(f"--data-shards {n_shards} must be a multiple of the {n_devices} devices and divide "
+                         f"--batch-size {cfg.batch_size}; each shard gives batch / shards rows to every step")
+    per_device = n_shards // n_devices
+    local_shards = range(local_devices.start * per_device, local_devices.stop * per_device)
     groups: dict = {}
     datasets, no_duplicates, losses_ = [], [], []
     eval_pairs = eval_name = None
@@ -60,18 +71,19 @@ def open_run_data(cfg, model, n_devices: int, local_devices: range) -> RunData:
 
         unit = isinstance(loss, CosineSimilarityLoss)
         if spec.hub:
-            ds, eval_pairs = _hub_dataset(cfg, spec, index, groups[key], n_devices, prompts, unit)
+            ds, eval_pairs = _hub_dataset(cfg, spec, index, groups[key], n_shards, prompts, unit)
             eval_name = f"{spec.hub[0]}{f' ({spec.hub[1]})' if spec.hub[1] else ''} held-out {cfg.eval_fraction:.0%}"
         else:
-            ds = open_dataset(spec, index, groups[key], n_devices, score_required=loss.needs_scores,
+            ds = open_dataset(spec, index, groups[key], n_shards, score_required=loss.needs_scores,
                               unit_interval=unit, prompts=prompts)
         datasets.append(ds)
         no_duplicates.append(uses_no_duplicates(cfg, loss))
-    device_rows = None
-    if not cfg.max_steps or (len(specs) > 1 and cfg.multi_dataset_sampler != "weighted"):
-        device_rows = _count(datasets, n_devices, local_devices)
-    pairs_per_device = cfg.batch_size // n_devices
-    batches = None if device_rows is None else [batches_per_epoch(r, pairs_per_device) for r in device_rows]
+    shard_rows = None
+    if (not cfg.max_steps or (len(specs) > 1 and cfg.multi_dataset_sampler != "weighted")
+            or all(map(cheap_to_count, datasets))):
+        shard_rows = _count(datasets, n_shards, local_shards)
+    block = cfg.batch_size // n_shards
+    batches = None if shard_rows is None else [batches_per_epoch(r, block) for r in shard_rows]
     schedule = Schedule(cfg.multi_dataset_sampler, [s.weight for s in specs], cfg.seed, batches)
     if cfg.eval_file:
         from minilm_jax.pairs import load_pairs
@@ -83,17 +95,37 @@ def open_run_data(cfg, model, n_devices: int, local_devices: range) -> RunData:
                   (f"{specs[0].hub[0]}" + (f" ({specs[0].hub[1]})" if specs[0].hub[1] else "") if specs[0].hub
                    else ", ".join(specs[0].files)))
     return RunData(tuple(datasets), tuple(loss for loss, _, _ in losses_), tuple(c for _, c, _ in losses_),
-                   tuple(p for _, _, p in losses_), tuple(no_duplicates), schedule, device_rows, eval_pairs,
+                   tuple(p for _, _, p in losses_), tuple(no_duplicates), schedule, shard_rows, eval_pairs,
                    train_name, eval_name)
 
 
-def _count(datasets, n_devices: int, local_devices: range) -> tuple:
-    """Every dataset's rows on every device: each host counts its own devices' shares."""
+def cheap_to_count(ds: DatasetInput) -> bool:
+    """Rows are counted even where no option needs it (for the epoch in metrics.jsonl and the
+    evaluation at each epoch's end) when that takes a fraction of a second: files of up to
+    COUNT_BYTES (newlines counted at a few GB/s), 64 MB of .csv/.gz (read whole), any parquet."""
+    import os
+
+    if ds.memory is not None:
+        return True
+    total = whole = 0
+    for path, layout in ds.layouts.items():
+        if layout.fmt.kind != "parquet":
+            size = os.path.getsize(path)
+            total += size
+            whole += 0 if layout.fmt.splittable else size
+    return total <= COUNT_BYTES and whole <= 64 << 20 and not ds.spec.positives_only
+
+
+COUNT_BYTES = 1 << 30
+
+
+def _count(datasets, n_shards: int, local_shards: range) -> tuple:
+    """Every dataset's rows in every shard: each host counts its own devices' shards."""
     from minilm_jax.input.hosts import exchange
 
-    mine = {d: [count_rows(ds, [d])[0] for ds in datasets] for d in local_devices}
-    every = {int(d): c for part in exchange("rows", {str(d): c for d, c in mine.items()}) for d, c in part.items()}
-    rows = tuple(tuple(every[d][i] for d in range(n_devices)) for i in range(len(datasets)))
+    mine = {s: [count_rows(ds, [s])[0] for ds in datasets] for s in local_shards}
+    every = {int(s): c for part in exchange("rows", {str(s): c for s, c in mine.items()}) for s, c in part.items()}
+    rows = tuple(tuple(every[s][i] for s in range(n_shards)) for i in range(len(datasets)))
     for ds, counts in zip(datasets, rows):
         if not sum(counts):
             raise UserError(f"dataset {ds.spec.name} holds no row"
@@ -102,7 +134,7 @@ def _count(datasets, n_devices: int, local_devices: range) -> tuple:
     return rows
 
 
-def _hub_dataset(cfg, spec: DatasetSpec, index: int, group: int, n_devices: int, prompts, unit: bool):
+def _hub_dataset(cfg, spec: DatasetSpec, index: int, group: int, n_shards: int, prompts, unit: bool):
     """A hub dataset, read whole by `datasets` (it needs network or a warm cache) and split into the
     training rows and the held-out evaluation pairs, as before streaming."""
     from minilm_jax.pairs import load_hub_pairs
@@ -125,7 +157,7 @@ def _hub_dataset(cfg, spec: DatasetSpec, index: int, group: int, n_devices: int,
     rows = list(zip(*train.columns(), train.scores.tolist()))
     memory = MemoryReader(rows, spec.name)
     plain = dataclasses.replace(spec, positives_only=False, add_swapped=False)
-    ds = DatasetInput(plain, index, group, len(columns.texts()), prompts, memory.layouts, memory.pieces(n_devices),
+    ds = DatasetInput(plain, index, group, len(columns.texts()), prompts, memory.layouts, memory.pieces(n_shards),
                       unit, memory)
     eval_pairs = dataclasses.replace(held_out, negatives=()) if eval_columns else held_out
     return ds, eval_pairs

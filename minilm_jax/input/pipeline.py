@@ -7,12 +7,13 @@ call's arrays (data.Dispatch, [local devices, steps, ...]), which of the run's s
 distinct loss and column count) runs it, and the streams' state after it, which the checkpoint of
 its last step saves.
 
-Sharding: every dataset's files are cut into pieces (sources.py), a multiple of the global device
-count per splittable file; device d reads pieces d, d + n, ... and each host opens only its own
-devices' pieces. A step's batch is one dataset's (schedule.py): each device takes its share
-(batch / devices rows) from its own stream of that dataset. The order is a function of the seed,
-the options and the global device count, not of how devices are spread over hosts, so 2 processes
-of 2 devices train as 1 process of 4.
+Sharding: every dataset is read as S shards (--data-shards; default: the global device count):
+its files are cut into pieces (sources.py), a multiple of S per splittable file, and shard s reads
+pieces s, s + S, ... Device d owns shards d*S/n ... (d+1)*S/n - 1 and each host opens only its own
+devices' shards. A step's batch is one dataset's (schedule.py): each shard gives batch / S rows,
+from its own stream, which fill the block of the global batch that belongs to it. The order is a
+function of the seed, the options and S alone, not of how many devices or hosts share the
+shards: 8 devices train as 1 device with --data-shards 8, and 2 processes of 2 devices as 1 of 4.
 
 Every host must run the same program for a step: whether a step fits the fast packed shape is
 agreed over all hosts (each says whether its devices' sentences fit, through the distributed
@@ -41,7 +42,7 @@ from minilm_jax.input.stream import ShardStream
 # dispatches' worth, so that the call's overhead is shared.
 TOKENIZE_ROWS = 2048
 CHECK_ROWS = 65536  # rows of each stream parsed before a new run starts (about 0.1 s)
-SAMPLE_ROWS = 1000  # rows of each dataset kept for the model card, as sentence-transformers' card takes
+SAMPLE_ROWS = 1000  # a dataset's first rows, which the model card describes (sentence-transformers' card too)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,24 +55,24 @@ class DatasetInput:
     n_columns: int
     prompts: tuple[str, ...]  # per text column ("" for none)
     layouts: dict  # path -> Layout
-    pieces: tuple  # of every device: tuple of lists of Piece, by global device
+    pieces: tuple  # of every shard: tuple of lists of Piece, by shard
     unit_interval: bool = False  # labels must lie in [0, 1] (CosineSimilarityLoss)
     memory: object = None  # sources.MemoryReader of a hub dataset's rows, read whole
 
 
-def device_pieces(files: Sequence[str], n_devices: int) -> tuple[list[Piece], ...]:
-    """Every device's pieces of these files: piece j of a splittable file to device j % n, the k-th
-    whole file (.csv, .gz) to device k % n."""
-    out: tuple[list[Piece], ...] = tuple([] for _ in range(n_devices))
+def shard_pieces(files: Sequence[str], n_shards: int) -> tuple[list[Piece], ...]:
+    """Every shard's pieces of these files: piece j of a splittable file to shard j % S, the k-th
+    whole file (.csv, .gz) to shard k % S."""
+    out: tuple[list[Piece], ...] = tuple([] for _ in range(n_shards))
     whole = 0
     for path in files:
-        pieces = pieces_of(path, n_devices)
+        pieces = pieces_of(path, n_shards)
         if len(pieces) == 1 and pieces[0].end == -1:
-            out[whole % n_devices].append(pieces[0])
+            out[whole % n_shards].append(pieces[0])
             whole += 1
         else:
             for j, piece in enumerate(pieces):
-                out[j % n_devices].append(piece)
+                out[j % n_shards].append(piece)
     return out
 
 
@@ -80,19 +81,22 @@ class InputPipeline:
                  shapes: Sequence[data_lib.StepShapes], steps_per_dispatch: int, seed: int, window_rows: int,
                  no_duplicates: Sequence[bool], agree=None):
         """shapes: the step shapes of each group; no_duplicates: per dataset; agree(first_step, flags)
-        -> the flags ORed over every host (None: one host)."""
+        -> the flags ORed over every host (None: one host). The shard count is the datasets'."""
         self.datasets, self.schedule, self.tokenizer = datasets, schedule, tokenizer
         self.layout, self.shapes, self.steps_per_dispatch = layout, list(shapes), steps_per_dispatch
         self.agree = agree
-        local = range(layout.first_device, layout.first_device + layout.local_devices)
-        self.streams = [[self._stream(ds, d, seed, window_rows, no_duplicates[ds.index]) for d in local]
+        self.n_shards = len(datasets[0].pieces)
+        self.per_device = self.n_shards // layout.global_devices  # shards a device owns
+        self.block = layout.batch_size // self.n_shards  # rows a shard gives to a step
+        first = layout.first_device * self.per_device
+        self.shards = range(first, first + layout.local_devices * self.per_device)  # this host's
+        self.streams = [[self._stream(ds, s, seed, window_rows, no_duplicates[ds.index]) for s in self.shards]
                         for ds in datasets]
-        self.samples: list[list[tuple]] = [[] for _ in datasets]  # the first rows each dataset gave
         self.data_wait_seconds = 0.0
 
-    def _stream(self, ds: DatasetInput, device: int, seed: int, window_rows: int, no_duplicates: bool):
+    def _stream(self, ds: DatasetInput, shard: int, seed: int, window_rows: int, no_duplicates: bool):
         reader = ds.memory or Reader(ds.layouts, ds.spec.columns, ds.spec.score_scale, ds.unit_interval, ds.spec.name)
-        return ShardStream(reader, ds.pieces[device], seed=seed, dataset=ds.index, device=device,
+        return ShardStream(reader, ds.pieces[shard], seed=seed, dataset=ds.index, device=shard,
                            window_rows=window_rows, no_duplicates=no_duplicates, positives_only=ds.spec.positives_only,
                            add_swapped=ds.spec.add_swapped, name=ds.spec.name, n_columns=ds.n_columns)
 
@@ -104,20 +108,24 @@ class InputPipeline:
             for stream in streams:
                 stream.check(rows)
 
+    def rows_read(self) -> int:
+        """Rows this host has read into its streams' windows (a window re-read after a resume again)."""
+        return sum(stream.rows_read for streams in self.streams for stream in streams)
+
     # ------------------------------------------------------------------ state
 
     def state(self) -> dict:
-        return {f"{ds.spec.name}/{self.layout.first_device + d}": stream.state()
-                for ds, streams in zip(self.datasets, self.streams) for d, stream in enumerate(streams)}
+        return {f"{ds.spec.name}/{shard}": stream.state()
+                for ds, streams in zip(self.datasets, self.streams) for shard, stream in zip(self.shards, streams)}
 
     def restore(self, state: dict) -> None:
         for ds, streams in zip(self.datasets, self.streams):
-            for d, stream in enumerate(streams):
-                key = f"{ds.spec.name}/{self.layout.first_device + d}"
+            for shard, stream in zip(self.shards, streams):
+                key = f"{ds.spec.name}/{shard}"
                 if key not in state:
-                    raise UserError(f"the checkpoint holds no input position for dataset {ds.spec.name} on device "
-                                    f"{self.layout.first_device + d}: it was written by a run with other datasets or "
-                                    "devices; resume with the same ones, or start again in a new --output-dir")
+                    raise UserError(f"the checkpoint holds no input position for dataset {ds.spec.name}, shard {shard}: "
+                                    "it was written by a run with other datasets; resume with the same ones, or start "
+                                    "again in a new --output-dir")
                 stream.restore(state[key])
 
     # ------------------------------------------------------------------ dispatches
@@ -149,13 +157,15 @@ class InputPipeline:
         yield from self._build(chunk)
 
     def _take(self, step: int) -> tuple[int, list[list[tuple]]]:
-        """(dataset, rows of each local device) of one step."""
+        """(dataset, each local device's share: [(its slot, row)]) of one step: each shard's rows in
+        the block of the device's share that belongs to the shard (a short block leaves padding)."""
         i = self.schedule.dataset_of(step)
         epoch = self.schedule.epoch_of(step)
-        shares = [stream.take(self.layout.pairs_per_device, epoch) for stream in self.streams[i]]
-        sample = self.samples[i]
-        if len(sample) < SAMPLE_ROWS:
-            sample.extend(row for rows in shares for row in rows[:SAMPLE_ROWS - len(sample)])
+        blocks = [stream.take(self.block, epoch) for stream in self.streams[i]]
+        shares = []
+        for d in range(self.layout.local_devices):
+            mine = blocks[d * self.per_device:(d + 1) * self.per_device]
+            shares.append([(j * self.block + k, row) for j, rows in enumerate(mine) for k, row in enumerate(rows)])
         return i, shares
 
     def _build(self, chunk: list) -> Iterator[tuple[data_lib.Dispatch, int, dict]]:
@@ -165,10 +175,10 @@ class InputPipeline:
         for _, _, taken, _ in chunk:
             for i, shares in taken:
                 ds = self.datasets[i]
-                for rows in shares:
+                for share in shares:
                     for c in range(ds.n_columns):
                         prompt = ds.prompts[c]
-                        texts += [prompt + row[c] for row in rows] if prompt else [row[c] for row in rows]
+                        texts += [prompt + row[c] for _, row in share] if prompt else [row[c] for _, row in share]
         ids = iter(self.tokenizer.token_ids(texts)) if texts else iter(())
         for group, steps, taken, state in chunk:
             shapes = self.shapes[group]
@@ -176,13 +186,14 @@ class InputPipeline:
             for i, shares in taken:
                 ds = self.datasets[i]
                 sentences, pairs = [], []
-                for rows in shares:
-                    column_ids = [[next(ids) for _ in rows] for _ in range(ds.n_columns)]
-                    sentences.append([(c * shapes.pairs + k, column_ids[c][k])
-                                      for c in range(ds.n_columns) for k in range(len(rows))])
+                for share in shares:
+                    column_ids = [[next(ids) for _ in share] for _ in range(ds.n_columns)]
+                    sentences.append([(c * shapes.pairs + slot, column_ids[c][k])
+                                      for c in range(ds.n_columns) for k, (slot, _) in enumerate(share)])
                     labels, weights = np.zeros(shapes.pairs, np.float32), np.zeros(shapes.pairs, np.float32)
-                    labels[:len(rows)] = [row[-1] for row in rows]
-                    weights[:len(rows)] = 1.0
+                    slots = [slot for slot, _ in share]
+                    labels[slots] = [row[-1] for _, row in share]
+                    weights[slots] = 1.0
                     pairs.append({"labels": labels, "weights": weights})
                 packings = [data_lib._fast_packing(x, shapes) for x in sentences]
                 per_step.append((pairs, sentences, packings))
@@ -209,21 +220,37 @@ def _empty_pairs(shapes: data_lib.StepShapes) -> dict:
 
 # ----------------------------------------------------------------------------- opening the datasets
 
-def open_dataset(spec: DatasetSpec, index: int, group: int, n_devices: int, *, score_required: bool,
+def open_dataset(spec: DatasetSpec, index: int, group: int, n_shards: int, *, score_required: bool,
                  unit_interval: bool, prompts: tuple[str, ...]) -> DatasetInput:
-    """Check the dataset's files (their headers or schemas only) and cut them into every device's
+    """Check the dataset's files (their headers or schemas only) and cut them into every shard's
     pieces."""
     files = expand_files(spec.files, spec.name)
     layouts = {path: layout_of(path, spec.columns, score_required or spec.positives_only) for path in files}
     return DatasetInput(spec, index, group, len(spec.columns.texts()), prompts, layouts,
-                        device_pieces(files, n_devices), unit_interval)
+                        shard_pieces(files, n_shards), unit_interval)
 
 
-def count_rows(ds: DatasetInput, devices: Sequence[int]) -> list[int]:
-    """The rows of each of `devices`' shares (records less, with positives_only, the rows not
-    labelled 1; doubled with add_swapped)."""
+def first_rows(ds: DatasetInput, n: int = SAMPLE_ROWS) -> list[tuple]:
+    """The dataset's first n rows in file order (shuffling and shards aside): what the model card
+    describes, the same whatever step a run resumed at."""
+    if ds.memory is not None:
+        return ds.memory.rows[:n]
+    reader = Reader(ds.layouts, ds.spec.columns, ds.spec.score_scale, ds.unit_interval, ds.spec.name)
+    order = {path: i for i, path in enumerate(ds.layouts)}
+    rows: list[tuple] = []
+    for piece in sorted((p for pieces in ds.pieces for p in pieces), key=lambda p: (order[p.path], p.start)):
+        for raws, wheres, _ in reader.read(piece, piece.start):
+            rows += [reader.parse(piece.path, r, w) for r, w in zip(raws[:n - len(rows)], wheres)]
+            if len(rows) >= n:
+                return rows
+    return rows
+
+
+def count_rows(ds: DatasetInput, shards: Sequence[int]) -> list[int]:
+    """The rows of each of these shards (records less, with positives_only, the rows not labelled 1;
+    doubled with add_swapped)."""
     counts = []
-    for d in devices:
+    for d in shards:
         if ds.memory is not None:
             n = sum(p.end - p.start for p in ds.pieces[d])
         elif ds.spec.positives_only:  # which rows are labelled 1 is known only by parsing them
@@ -240,10 +267,10 @@ def count_rows(ds: DatasetInput, devices: Sequence[int]) -> list[int]:
     return counts
 
 
-def batches_per_epoch(device_rows: Sequence[int], pairs_per_device: int) -> int:
-    """A dataset's steps in an epoch: as many as its fullest device share needs (one device:
-    ceil(rows / batch), sentence-transformers' count with its short last batch kept)."""
-    return max(math.ceil(r / pairs_per_device) for r in device_rows)
+def batches_per_epoch(shard_rows: Sequence[int], block: int) -> int:
+    """A dataset's steps in an epoch: as many as its fullest shard needs at `block` rows a step (one
+    shard: ceil(rows / batch), sentence-transformers' count with its short last batch kept)."""
+    return max(math.ceil(r / block) for r in shard_rows)
 
 
 # ----------------------------------------------------------------------------- the batch thread

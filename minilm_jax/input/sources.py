@@ -6,8 +6,8 @@ A dataset's files (paths and glob patterns) are cut into *pieces*, the unit that
 - `.parquet`: row ranges (a range reads only the row groups it overlaps);
 - `.csv` (a quoted field may hold a newline) and any `.gz`: whole files, as they cannot be entered in
   the middle.
-Each splittable file is cut into a multiple of the global device count, so that every device gets
-an equal share of its bytes (rows) whatever the number of files.
+Each splittable file is cut into a multiple of the run's shard count (pipeline.py), so that every
+shard gets an equal share of its bytes (rows) whatever the number of files.
 
 Rows are (text columns..., score): sentence1, sentence2, any negatives, then the score as a float
 (1.0 where the file has no score column and the loss needs none). A bad row is an error naming
@@ -204,29 +204,29 @@ def _parquet(path: str):
 
 # ----------------------------------------------------------------------------- pieces
 
-def pieces_of(path: str, n_devices: int) -> list[Piece]:
-    """`path` cut into pieces: a multiple of n_devices for a splittable file (piece i goes to device
-    i % n_devices), the whole file otherwise."""
+def pieces_of(path: str, n_shards: int) -> list[Piece]:
+    """`path` cut into pieces: a multiple of n_shards for a splittable file (piece i goes to shard
+    i % n_shards), the whole file otherwise."""
     fmt = file_format(path)
     if not fmt.splittable:
         return [Piece(path, 0, -1)]
     if fmt.kind == "parquet":
         rows = _parquet(path).metadata.num_rows
-        cuts = _cuts(rows, rows * 100, n_devices)  # parquet rows: assume ~100 bytes each for the piece count
+        cuts = _cuts(rows, rows * 100, n_shards)  # parquet rows: assume ~100 bytes each for the piece count
         return [Piece(path, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
     size = os.path.getsize(path)
-    return [Piece(path, a, b) for a, b in zip(*_line_cuts(path, size, n_devices))]
+    return [Piece(path, a, b) for a, b in zip(*_line_cuts(path, size, n_shards))]
 
 
-def _cuts(total: int, nbytes: int, n_devices: int) -> list[int]:
-    n = n_devices * max(1, math.ceil(nbytes / (PIECE_BYTES * n_devices)))
+def _cuts(total: int, nbytes: int, n_shards: int) -> list[int]:
+    n = n_shards * max(1, math.ceil(nbytes / (PIECE_BYTES * n_shards)))
     return [total * i // n for i in range(n + 1)]
 
 
-def _line_cuts(path: str, size: int, n_devices: int) -> tuple[list[int], list[int]]:
+def _line_cuts(path: str, size: int, n_shards: int) -> tuple[list[int], list[int]]:
     """Byte ranges of whole lines: each cut moved forward to the start of the next line (the header
     line, if any, stays in the first piece and is skipped when read)."""
-    cuts = _cuts(size, size, n_devices)
+    cuts = _cuts(size, size, n_shards)
     with open(path, "rb") as f:
         aligned = [0]
         for c in cuts[1:-1]:
@@ -496,6 +496,6 @@ class MemoryReader:
     def where(self, path: str, where: int) -> str:
         return f"{self.dataset} row {where}"
 
-    def pieces(self, n_devices: int) -> tuple[list[Piece], ...]:
+    def pieces(self, n_shards: int) -> tuple[list[Piece], ...]:
         n = len(self.rows)
-        return tuple([Piece(self.PATH, n * d // n_devices, n * (d + 1) // n_devices)] for d in range(n_devices))
+        return tuple([Piece(self.PATH, n * d // n_shards, n * (d + 1) // n_shards)] for d in range(n_shards))

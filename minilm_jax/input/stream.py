@@ -1,4 +1,4 @@
-"""One device's stream of one dataset: its pieces read in order, a window of rows at a time,
+"""One shard's stream of one dataset (a device reads one shard, or several with --data-shards): its pieces read in order, a window of rows at a time,
 each window shuffled; endless, epoch after epoch, and resumable from a small state.
 
 - Each epoch visits the device's pieces in an order drawn from (seed, epoch, dataset, device), and
@@ -57,9 +57,10 @@ class ShardStream:
             raise AssertionError("a window came back empty before its epoch's end")
         if not self.size:
             where = ", ".join(sorted({p.path for p in self.pieces})) or "no piece"
-            raise UserError(f"dataset {self.name}: device {self.device}'s share of the data holds no row ({where}); "
-                            "the data has fewer rows (or .csv/.gz files) than the run has devices: give more rows or "
-                            "files, use .tsv/.jsonl/.parquet (which are split by bytes or rows), or fewer devices")
+            raise UserError(f"dataset {self.name}: shard {self.device} of the data holds no row ({where}); "
+                            "the data has fewer rows (or .csv/.gz files) than the run has shards (--data-shards, "
+                            "default one per device): give more rows or files, use .tsv/.jsonl/.parquet (which are "
+                            "split by bytes or rows), or fewer shards")
 
     def _load_window(self, window: int, start: tuple[int, int]) -> None:
         """Read the window starting at `start` (position in the epoch's piece order, offset in that
