@@ -109,7 +109,8 @@ def check_run_config(folder: Path, cfg: TrainConfig, write: bool = True) -> None
                 raise UsageError(f"{folder} holds a run with other settings ({'; '.join(changed)}); "
                                  "rerun with the same options to resume, or choose another --output-dir")
     if write:
-        write_text_atomic(path, json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        # the resolved settings, with what a data-config file said (resumable_fields adds it)
+        write_text_atomic(path, json.dumps({**dataclasses.asdict(cfg), **cfg.resumable_fields()}, indent=2) + "\n")
 
 
 def read_metrics(path: Path, up_to_step: int) -> list[dict]:

@@ -39,7 +39,7 @@ PAIRS = 21  # batches of 8: each epoch's last batch has 5 pairs (devices get 2, 
 STEPS, EVERY = 12, 4  # 4 epochs of 3 steps, a checkpoint every 4 steps
 RUN_TIMEOUT = 400  # seconds, for any one process (about 15 s each on an idle 2-core machine)
 HEARTBEAT = 5  # --heartbeat-timeout of the peer-death runs
-LOSS_RTOL, PARAM_RTOL, PARAM_ATOL = 1e-6, 1e-5, 1e-7
+LOSS_RTOL, LOSS_ATOL, PARAM_RTOL, PARAM_ATOL = 1e-6, 1e-7, 1e-5, 1e-7  # float32 summation orders differ
 
 
 def free_port() -> int:
@@ -189,10 +189,14 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(setup, refere
     two, four = reference["two"], reference["four"]
     rec2, rec4 = step_records(two), step_records(four)
     assert [r["step"] for r in rec2] == [r["step"] for r in rec4] == list(range(1, STEPS + 1))
-    assert [r["epoch"] for r in rec2][:3] == [round(1 / 3, 4), round(2 / 3, 4), 1.0]  # 3 steps an epoch: 8, 8, 5 pairs
+    # An epoch is as many steps as the fullest of the 4 shards needs at 2 pairs a step: the 21 rows are cut
+    # by bytes, so a shard holds 4 to 7 of them, and the others' last steps are short or empty.
+    per_epoch = round(1 / rec2[0]["epoch"])
+    assert per_epoch in (3, 4) and [r["epoch"] for r in rec2][:per_epoch] == [round((k + 1) / per_epoch, 4)
+                                                                              for k in range(per_epoch)]
     for key in ("epoch", "learning_rate"):
         assert [r[key] for r in rec2] == [r[key] for r in rec4], key
-    np.testing.assert_allclose([r["loss"] for r in rec2], [r["loss"] for r in rec4], rtol=LOSS_RTOL,
+    np.testing.assert_allclose([r["loss"] for r in rec2], [r["loss"] for r in rec4], rtol=LOSS_RTOL, atol=LOSS_ATOL,
                                err_msg="losses per step, 2 processes x 2 devices vs 1 process x 4 devices")
     assert_same_weights(two, four)
     initial = tensors(Path(setup["tiny"]))
@@ -210,7 +214,7 @@ def test_two_processes_of_two_devices_train_as_one_process_of_four(setup, refere
     for key, value in metrics["p0"].items():
         assert value == pytest.approx(metrics["four"][key], rel=1e-6, abs=1e-6), key
     evals = [r for r in map(json.loads, (two / "metrics.jsonl").read_text().splitlines()) if "eval_spearman_cosine" in r]
-    assert [r["step"] for r in evals] == [3, 6, 9, 12]
+    assert [r["step"] for r in evals] == sorted({*range(per_epoch, STEPS + 1, per_epoch), STEPS})
 
 
 def test_only_process_0_writes_the_logs_and_the_model(reference):
