@@ -19,7 +19,8 @@ Part 1, speed (--batch-size pairs, default 64; --steps timed steps per pass, --p
           ~32 sentences, packed in rows of max_seq_length = 256 tokens: embed without gradient, the
           loss's gradient w.r.t. the embeddings, then each micro-batch again, differentiated against
           its part of that gradient), compiled ahead of time as train.py compiles
-          them, on one device (plain jit), batches from data.dispatch_groups through data.prefetch,
+          them, on one device (plain jit), batches from data.dispatch_groups through train.py's batch
+          thread (input.pipeline.Prefetch),
           each dispatch's metrics fetched while the next runs, as train.py's loop does;
   theirs: SentenceTransformer in train mode with losses.MultipleNegativesRankingLoss and
           losses.CachedMultipleNegativesRankingLoss(mini_batch_size=32), fused torch AdamW, linear
@@ -239,7 +240,9 @@ def ours_worker(args) -> None:
         import math
 
         t0 = common.now()
-        losses = _run_groups(loss, state["data_lib"].prefetch(_groups(loss)))
+        from minilm_jax.input.pipeline import Prefetch
+
+        losses = _run_groups(loss, Prefetch(_groups(loss)))
         return {"seconds": common.now() - t0, "loss": sum(losses) / len(losses),
                 "finite": all(math.isfinite(x) for x in losses)}
 

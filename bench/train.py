@@ -7,7 +7,7 @@ with the same recipe, on the same Quora pairs in the same order.
 
 Ours: train_step.step_program on one device (plain jit, as train.py runs it: the fast and the general
 program) with the real weights, dropout on, batches from data.dispatch_groups (sentences packed
-several to a row in the two fixed shapes) through data.prefetch, and the metrics of each dispatch
+several to a row in the two fixed shapes) through the input pipeline's Prefetch (train.py's batch thread), and the metrics of each dispatch
 fetched while the next one runs, as train.py's loop does. Before timing, the same groups are run
 once so that both programs are compiled; that warm pass is reported apart (compile ~= warm pass -
 steady pass).
@@ -211,7 +211,9 @@ def ours_worker(args) -> None:
         t0 = common.now()
         groups = _groups(batch_size)
         if args.prefetch:
-            groups = data_lib.prefetch(groups)
+            from minilm_jax.input.pipeline import Prefetch
+
+            groups = Prefetch(groups)
         p_state, losses = _run_groups(groups, p_state)
         seconds = common.now() - t0
         state["p_state"] = p_state

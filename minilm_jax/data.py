@@ -20,8 +20,6 @@ import bisect
 import dataclasses
 import functools
 import math
-import queue
-import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -407,34 +405,3 @@ def _stack(trees: list) -> dict:
     if isinstance(first, dict):
         return {k: _stack([t[k] for t in trees]) for k in first}
     return np.stack(trees)
-
-
-def prefetch(iterator: Iterator, depth: int = 3) -> Iterator:
-    """Run `iterator` on a background thread, `depth` items ahead, so the device never waits for
-    tokenised, padded batches. Exceptions are re-raised in the consumer."""
-    items: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def produce():
-        try:
-            for item in iterator:
-                if stop.is_set():
-                    return
-                items.put(item)
-        except BaseException as e:  # handed to the consumer, which raises it
-            items.put(e)
-        items.put(done)
-
-    thread = threading.Thread(target=produce, daemon=True, name="minilm-jax-batches")
-    thread.start()
-    try:
-        while True:
-            item = items.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()

@@ -443,6 +443,9 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 # asynchronous (not a single CPU device: host_memory.py).
                 settle(pending)
             pending = (first, n, metrics)
+            if first == start_step:  # the first step's record as soon as it ends: the run has begun
+                settle(pending)
+                pending = None
             general_steps += _general_count(dispatch)
             end = done = first + n
             input_after = input_state

@@ -101,7 +101,7 @@ def _local_model(params, ids: jax.Array, config: BertConfig, axis_name: str | No
     """(parameters whose word-embedding table holds only the rows `ids` use, on every device; the
     ids renumbered into it; those rows; the config of that table)."""
     rest, table = split_table(params)
-    # The table may hold only the rows the run trains (trained_rows.py): its rows, not the config's.
+    # The table's own row count, not the config's (a caller may train part of the table).
     vocab_size = table.shape[0]
     rows_N, local_ids = batch_rows(ids, vocab_size, axis_name)
     local_table = table[jnp.minimum(rows_N, vocab_size - 1)]  # padding rows: any row, never read
