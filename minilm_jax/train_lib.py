@@ -195,10 +195,8 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
                                   compiler, example_state, name=f"{group}" if group else "")
                     for group, (loss, columns, prompts) in enumerate(zip(run_data.group_losses, run_data.group_columns,
                                                                          run_data.group_prompts))]
-        for p in programs:
+        for p in programs:  # the usual program of each; the general one once a step needs it (_run)
             p.prepare(p.spec.shapes.programs[0])
-        for p in programs:
-            p.prepare("general")
         evaluators = build_evaluators(cfg, run_data, model.sentence.similarity_fn_name)
         pipeline = input_pipeline(cfg, model, run_data, programs)
         if not (out / "checkpoints").is_dir():
@@ -436,6 +434,12 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 step_fn = step_programs.get(dispatch.program)
             if first == start_step:
                 checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
+            if first > start_step:
+                # The general programs the batch thread has seen a step for (it runs ahead of the loop):
+                # compiled from the second dispatch on, so that the first has the cores to itself. A run
+                # none of whose steps needs one compiles none.
+                for g in pipeline.general_groups():
+                    programs[g].prepare("general")
             p_state, metrics = step_fn(p_state, with_learning_rates(dispatch, rates, cfg.steps_per_dispatch), rng,
                                        tx_inputs)
             if pending is not None:

@@ -92,6 +92,7 @@ class InputPipeline:
         self.shards = range(first, first + layout.local_devices * self.per_device)  # this host's
         self.streams = [[self._stream(ds, s, seed, window_rows, no_duplicates[ds.index]) for s in self.shards]
                         for ds in datasets]
+        self._general: set[int] = set()  # groups a built dispatch needs the general program of
         self.data_wait_seconds = 0.0
 
     def _stream(self, ds: DatasetInput, shard: int, seed: int, window_rows: int, no_duplicates: bool):
@@ -107,6 +108,11 @@ class InputPipeline:
         for streams in self.streams:
             for stream in streams:
                 stream.check(rows)
+
+    def general_groups(self) -> list[int]:
+        """The groups whose general program some dispatch built so far needs (read by the loop while
+        the batch thread adds to it)."""
+        return sorted(list(self._general))  # list() copies under the GIL: the batch thread may add
 
     def rows_read(self) -> int:
         """Rows this host has read into its streams' windows (a window re-read after a resume again)."""
@@ -201,6 +207,8 @@ class InputPipeline:
             general = self.agree(steps.start, local_general) if self.agree else local_general
             kinds = [data_lib.GENERAL if g else data_lib.FAST for g in general]
             program = "general" if data_lib.GENERAL in kinds or len(steps) < self.steps_per_dispatch else "fast"
+            if program == "general":
+                self._general.add(group)
             devices = []
             for d in range(self.layout.local_devices):
                 step_arrays = [data_lib._step_arrays(pairs[d], kind, sentences[d],
