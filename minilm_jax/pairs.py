@@ -92,7 +92,11 @@ def _quiet_datasets():
 
 def _first_line_columns(path: str, delimiter: str) -> list[str]:
     with open(path, "rb") as f:
-        head = f.readline()
+        return header_columns(f.readline(), path, delimiter)
+
+
+def header_columns(head: bytes, path: str, delimiter: str) -> list[str]:
+    """The column names of a delimited file's first line (its bytes), checked."""
     if not head.strip():
         raise UserError(f"{path} is empty; a pairs file needs a header line and at least one row")
     try:

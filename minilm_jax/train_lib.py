@@ -455,7 +455,8 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
             input_after = input_state
             epoch_end = schedule.ends_epoch(first, n) or end == total_steps
             if crosses(first, n, cfg.eval_every) or epoch_end or crosses(first, n, cfg.checkpoint_every):
-                settle(pending)
+                if pending is not None:
+                    settle(pending)
                 pending = None
                 log.pause()
                 if crosses(first, n, cfg.eval_every) or epoch_end:

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from minilm_jax.errors import UserError
-from minilm_jax.pairs import Columns, _parse_score
+from minilm_jax.pairs import Columns, _parse_score, header_columns
 
 # The size of a byte-range piece: large enough that pieces are few (a 36-million-pair Quora file,
 # 3.8 GB, is 57 of them), small enough that shuffling their order each epoch mixes a large file.
@@ -129,17 +129,12 @@ def _header_fields(fmt: FileFormat) -> list[str]:
             head = f.readline()
         except (OSError, EOFError, gzip.BadGzipFile) as e:
             raise UserError(f"{fmt.path} cannot be read ({e}); check that the file is complete") from None
-    if not head.strip():
-        raise UserError(f"{fmt.path} is empty; a pairs file needs a header line and at least one row")
-    try:
-        text = head.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{fmt.path} line 1 is not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
-    if fmt.kind == "csv":
+    names = header_columns(head, fmt.path, "\t")  # checked: not empty, UTF-8
+    if fmt.kind == "csv":  # a CSV header may quote its names
         import csv
 
-        return [c.strip() for c in next(csv.reader([text.rstrip("\r\n")]))]
-    return [c.strip() for c in text.rstrip("\r\n").split("\t")]
+        names = [c.strip() for c in next(csv.reader([head.decode("utf-8-sig").rstrip("\r\n")]))]
+    return names
 
 
 def _missing(path: str, found: Sequence[str], wanted: Sequence[str]) -> None:
@@ -299,38 +294,14 @@ class Reader:
         raws, wheres, row = [], [], 0
         try:
             with _open_binary(fmt) as f:
-                if fmt.kind == "csv":
-                    import csv
-
-                    text = io.TextIOWrapper(f, encoding="utf-8-sig", newline="")
-                    rows = csv.reader(text)
-                    next(rows, None)  # the header
-                    for values in rows:
-                        if not values or values == [""]:
-                            continue
-                        if row >= offset:
-                            raws.append(values)
-                            wheres.append(row)
-                        row += 1
-                        if len(raws) >= 65536:
-                            yield raws, wheres, row
-                            raws, wheres = [], []
-                else:
-                    header = fmt.kind == "tsv"
-                    for line in f:
-                        if header:
-                            header = False
-                            continue
-                        line = line.rstrip(b"\n")
-                        if line in BLANK:
-                            continue
-                        if row >= offset:
-                            raws.append(line)
-                            wheres.append(row)
-                        row += 1
-                        if len(raws) >= 65536:
-                            yield raws, wheres, row
-                            raws, wheres = [], []
+                for values in _csv_rows(f) if fmt.kind == "csv" else _line_rows(f, header=fmt.kind == "tsv"):
+                    if row >= offset:
+                        raws.append(values)
+                        wheres.append(row)
+                    row += 1
+                    if len(raws) >= 65536:
+                        yield raws, wheres, row
+                        raws, wheres = [], []
         except (OSError, EOFError, gzip.BadGzipFile, UnicodeDecodeError) as e:
             raise UserError(f"{fmt.path} cannot be read after row {row} ({e}); check that the file is complete") from None
         except Exception as e:  # noqa: BLE001 - the csv module's errors
@@ -415,6 +386,23 @@ class Reader:
         if not fmt.splittable:
             return where + (2 if fmt.kind in ("tsv", "csv") else 1)  # a row count (blank lines not counted)
         return _line_of_offset(path, where)
+
+
+def _csv_rows(f) -> Iterator[list[str]]:
+    """A CSV file's rows after its header, blank lines left out."""
+    import csv
+
+    rows = csv.reader(io.TextIOWrapper(f, encoding="utf-8-sig", newline=""))
+    next(rows, None)
+    return (values for values in rows if values and values != [""])
+
+
+def _line_rows(f, header: bool) -> Iterator[bytes]:
+    """A line file's lines (their bytes), after its header if it has one, blank lines left out."""
+    lines = iter(f)
+    if header:
+        next(lines, None)
+    return (line for line in (raw.rstrip(b"\n") for raw in lines) if line not in BLANK)
 
 
 def _line_of_offset(path: str, offset: int) -> int:
