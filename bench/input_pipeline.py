@@ -87,8 +87,10 @@ def theirs(args) -> dict:
         next(batches)
         first = time.perf_counter() - began
         began = time.perf_counter()
-        for _ in range(args.steps):
-            next(batches)
+        for taken in range(args.steps):
+            if next(batches, None) is None:
+                sys.exit(f"error: sentence-transformers' epoch holds {taken + 1} batches, fewer than --steps "
+                         f"{args.steps} + 1; lower --steps")
         seconds = time.perf_counter() - began
     return {"first_step_seconds": round(first, 3), "seconds": round(seconds, 3),
             "pairs_per_second": round(args.steps * args.batch_size / seconds, 1)}
