@@ -357,17 +357,27 @@ def dispatch_groups(data: TokenizedPairs, layout: BatchLayout, shapes: StepShape
             packings = [_fast_packing(x, shapes) for x in sentences]
             per_step.append((idx, sentences, None if any(p is None for p in packings) else packings))
         kinds = [FAST if packings is not None else GENERAL for _, _, packings in per_step]
-        short = len(steps) < steps_per_dispatch
-        program = "general" if GENERAL in kinds or short else "fast"
-        devices = []
-        for d in mine:
-            step_arrays = [_step_arrays(_pair_arrays(data, idx, layout, d), kind, sentences[d],
-                                        None if packings is None else packings[d], shapes, program, steps_per_dispatch)
-                           for (idx, sentences, packings), kind in zip(per_step, kinds)]
-            padding = _step_arrays(_empty_pair_arrays(shapes), SKIP, [], None, shapes, program, steps_per_dispatch)
-            step_arrays += [padding] * (steps_per_dispatch - len(steps))
-            devices.append(_stack(step_arrays))
-        yield Dispatch(first, len(steps), program, _stack(devices))
+        yield assemble_dispatch(first, kinds, [[(_pair_arrays(data, idx, layout, d), sentences[d],
+                                                 None if packings is None else packings[d])
+                                                for idx, sentences, packings in per_step] for d in mine],
+                                shapes, steps_per_dispatch)
+
+
+def assemble_dispatch(first: int, kinds: list[int], device_steps: list[list[tuple]], shapes: StepShapes,
+                      steps_per_dispatch: int) -> Dispatch:
+    """The Dispatch of the steps first, first + 1, ... whose kinds (FAST or GENERAL, decided over every
+    device of the global batch) are `kinds`: device_steps[d][k] is (pair arrays, sentences, fast
+    packing or None) of this host's device d in step k. A dispatch of fewer steps than
+    steps_per_dispatch runs in the general program, padded with steps that change nothing."""
+    program = "general" if GENERAL in kinds or len(kinds) < steps_per_dispatch else "fast"
+    padding = _step_arrays(_empty_pair_arrays(shapes), SKIP, [], None, shapes, program, steps_per_dispatch)
+    devices = []
+    for steps in device_steps:
+        arrays = [_step_arrays(pairs, kind, sentences, packing if kind == FAST else None, shapes, program,
+                               steps_per_dispatch)
+                  for (pairs, sentences, packing), kind in zip(steps, kinds)]
+        devices.append(_stack(arrays + [padding] * (steps_per_dispatch - len(kinds))))
+    return Dispatch(first, len(kinds), program, _stack(devices))
 
 
 def example_dispatch(shapes: StepShapes, local_devices: int, steps_per_dispatch: int, program: str) -> dict:

@@ -213,7 +213,7 @@ def _check_columns(path: str, found: list[str], wanted: list[str]) -> None:
     if missing:
         raise UserError(f"{path} has no column {', '.join(repr(m) for m in missing)} (found {', '.join(map(repr, found))}); "
                         "rename the header or select columns with --sentence1-column/--sentence2-column/--score-column"
-                        "/--negative-column")
+                        "/--negative-column (or \"columns\" in a data config)")
 
 
 def _parse_score(value, where: str) -> float:

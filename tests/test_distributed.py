@@ -272,26 +272,24 @@ def test_two_datasets_on_two_processes_killed_and_resumed_give_the_uninterrupted
         i = plain.index("--train-file")
         return plain[:i] + ["--data-config", str(config)] + plain[i + 2:]
 
+    def on_two_processes(out: Path, logs: str, until=None) -> None:
+        """Both processes to the end, or (until: a predicate) killed once it holds."""
+        port = free_port()
+        with Runs(base / logs) as runs:
+            for i in range(2):
+                runs.start(f"p{i}", args(out) + process_args(port, i), env_for(setup, 2))
+            if until is None:
+                for name in ("p0", "p1"):
+                    assert_ok(runs.wait(name))
+            else:
+                wait_for(until, runs, ["p0", "p1"], f"checkpoint {EVERY}")
+                runs.kill("p0", "p1")
+
     straight, killed = base / "two-datasets", base / "two-datasets-killed"
-    port = free_port()
-    with Runs(base / "logs-two-datasets") as runs:
-        runs.start("p0", args(straight) + process_args(port, 0), env_for(setup, 2))
-        runs.start("p1", args(straight) + process_args(port, 1), env_for(setup, 2))
-        for name in ("p0", "p1"):
-            assert_ok(runs.wait(name))
-    port = free_port()
-    with Runs(base / "logs-two-datasets-killed") as runs:
-        runs.start("p0", args(killed) + process_args(port, 0), env_for(setup, 2))
-        runs.start("p1", args(killed) + process_args(port, 1), env_for(setup, 2))
-        wait_for(complete_checkpoint(killed, EVERY), runs, ["p0", "p1"], f"checkpoint {EVERY}")
-        runs.kill("p0", "p1")
+    on_two_processes(straight, "logs-two-datasets")
+    on_two_processes(killed, "logs-two-datasets-killed", until=complete_checkpoint(killed, EVERY))
     assert not (killed / "model").exists(), "the run finished before it was killed"
-    port = free_port()
-    with Runs(base / "logs-two-datasets-resumed") as runs:
-        runs.start("p0", args(killed) + process_args(port, 0), env_for(setup, 2))
-        runs.start("p1", args(killed) + process_args(port, 1), env_for(setup, 2))
-        for name in ("p0", "p1"):
-            assert_ok(runs.wait(name))
+    on_two_processes(killed, "logs-two-datasets-resumed")
     assert [r["step"] for r in step_records(killed)] == list(range(1, STEPS + 1))
     assert_same_weights(killed, straight, exact=True)
 

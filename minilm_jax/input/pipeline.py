@@ -1,4 +1,4 @@
-"""The training input: named datasets -> per-device streams -> tokenised, packed Dispatches, built on
+"""The training input: named datasets -> per-shard streams -> tokenised, packed Dispatches, built on
 a background thread while the devices run, and resumable from a small JSON state.
 
 What the loop sees (train_lib.py): `InputPipeline.open(...)` before training, then
@@ -36,7 +36,7 @@ from minilm_jax.errors import UserError
 from minilm_jax.input.schedule import Schedule
 from minilm_jax.input.sources import Piece, Reader, count_records, expand_files, layout_of, pieces_of
 from minilm_jax.input.spec import DatasetSpec
-from minilm_jax.input.stream import ShardStream
+from minilm_jax.input.stream import ShardStream, positives
 
 # Rows tokenised in one call of the tokenizer (its batch encoder runs on every core): several
 # dispatches' worth, so that the call's overhead is shared.
@@ -136,25 +136,32 @@ class InputPipeline:
 
     # ------------------------------------------------------------------ dispatches
 
-    def groups_of(self, start: int, end: int) -> Iterator[tuple[int, range]]:
-        """(group, steps) of each device call: consecutive steps of one group, never across a
-        multiple of steps_per_dispatch (so that a run resumed at a checkpoint makes the same calls)."""
+    def groups_of(self, start: int, end: int) -> Iterator[tuple[int, range, list[int]]]:
+        """(group, steps, each step's dataset) of each device call: consecutive steps of one group,
+        never across a multiple of steps_per_dispatch (so that a run resumed at a checkpoint makes the
+        same calls). Each step's dataset is drawn once."""
         k = self.steps_per_dispatch
         s = start
+        following = self.schedule.dataset_of(s) if s < end else None
         while s < end:
-            group = self.datasets[self.schedule.dataset_of(s)].group
+            datasets = [following]
+            group = self.datasets[following].group
             e = s + 1
-            while e < end and e % k and self.datasets[self.schedule.dataset_of(e)].group == group:
+            while e < end:
+                following = self.schedule.dataset_of(e)
+                if not e % k or self.datasets[following].group != group:
+                    break
+                datasets.append(following)
                 e += 1
-            yield group, range(s, e)
+            yield group, range(s, e), datasets
             s = e
 
     def dispatches(self, start: int, end: int) -> Iterator[tuple[data_lib.Dispatch, int, dict]]:
         """(Dispatch, group, the streams' state after it) for steps [start, end), in order."""
         chunk = []
         rows = 0
-        for group, steps in self.groups_of(start, end):
-            taken = [self._take(s) for s in steps]
+        for group, steps, datasets in self.groups_of(start, end):
+            taken = [self._take(s, i) for s, i in zip(steps, datasets)]
             chunk.append((group, steps, taken, self.state()))
             rows += sum(len(r) for _, shares in taken for r in shares)
             if rows >= TOKENIZE_ROWS:
@@ -162,10 +169,9 @@ class InputPipeline:
                 chunk, rows = [], 0
         yield from self._build(chunk)
 
-    def _take(self, step: int) -> tuple[int, list[list[tuple]]]:
-        """(dataset, each local device's share: [(its slot, row)]) of one step: each shard's rows in
+    def _take(self, step: int, i: int) -> tuple[int, list[list[tuple]]]:
+        """(dataset i, each local device's share: [(its slot, row)]) of one step: each shard's rows in
         the block of the device's share that belongs to the shard (a short block leaves padding)."""
-        i = self.schedule.dataset_of(step)
         epoch = self.schedule.epoch_of(step)
         blocks = [stream.take(self.block, epoch) for stream in self.streams[i]]
         shares = []
@@ -206,24 +212,12 @@ class InputPipeline:
             local_general = [any(p is None for p in packings) for _, _, packings in per_step]
             general = self.agree(steps.start, local_general) if self.agree else local_general
             kinds = [data_lib.GENERAL if g else data_lib.FAST for g in general]
-            program = "general" if data_lib.GENERAL in kinds or len(steps) < self.steps_per_dispatch else "fast"
-            if program == "general":
+            dispatch = data_lib.assemble_dispatch(
+                steps.start, kinds, [[(pairs[d], sentences[d], packings[d]) for pairs, sentences, packings in per_step]
+                                     for d in range(self.layout.local_devices)], shapes, self.steps_per_dispatch)
+            if dispatch.program == "general":
                 self._general.add(group)
-            devices = []
-            for d in range(self.layout.local_devices):
-                step_arrays = [data_lib._step_arrays(pairs[d], kind, sentences[d],
-                                                     None if kind == data_lib.GENERAL else packings[d], shapes, program,
-                                                     self.steps_per_dispatch)
-                               for (pairs, sentences, packings), kind in zip(per_step, kinds)]
-                padding = data_lib._step_arrays(_empty_pairs(shapes), data_lib.SKIP, [], None, shapes, program,
-                                                self.steps_per_dispatch)
-                step_arrays += [padding] * (self.steps_per_dispatch - len(steps))
-                devices.append(data_lib._stack(step_arrays))
-            yield data_lib.Dispatch(steps.start, len(steps), program, data_lib._stack(devices)), group, state
-
-
-def _empty_pairs(shapes: data_lib.StepShapes) -> dict:
-    return {"labels": np.zeros(shapes.pairs, np.float32), "weights": np.zeros(shapes.pairs, np.float32)}
+            yield dispatch, group, state
 
 
 # ----------------------------------------------------------------------------- opening the datasets
@@ -263,12 +257,8 @@ def count_rows(ds: DatasetInput, shards: Sequence[int]) -> list[int]:
             n = sum(p.end - p.start for p in ds.pieces[d])
         elif ds.spec.positives_only:  # which rows are labelled 1 is known only by parsing them
             reader = Reader(ds.layouts, ds.spec.columns, ds.spec.score_scale, False, ds.spec.name)
-            stream = ShardStream(reader, ds.pieces[d], seed=0, dataset=0, device=d, window_rows=1 << 62,
-                                 no_duplicates=False, positives_only=True, name=ds.spec.name, n_columns=ds.n_columns)
-            n = 0
-            for piece in ds.pieces[d]:
-                for raws, wheres, _ in reader.read(piece, piece.start):
-                    n += len(stream._positives(piece, raws, wheres))
+            n = sum(len(positives(reader, piece, raws, wheres))
+                    for piece in ds.pieces[d] for raws, wheres, _ in reader.read(piece, piece.start))
         else:
             n = sum(count_records(p, ds.layouts[p.path]) for p in ds.pieces[d])
         counts.append(n * (2 if ds.spec.add_swapped else 1))

@@ -32,7 +32,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from minilm_jax.errors import UserError
-from minilm_jax.pairs import Columns, _parse_score, header_columns
+from minilm_jax.pairs import Columns, _check_columns, _parse_score, _wanted, header_columns
 
 # The size of a byte-range piece: large enough that pieces are few (a 36-million-pair Quora file,
 # 3.8 GB, is 57 of them), small enough that shuffling their order each epoch mixes a large file.
@@ -137,36 +137,20 @@ def _header_fields(fmt: FileFormat) -> list[str]:
     return names
 
 
-def _missing(path: str, found: Sequence[str], wanted: Sequence[str]) -> None:
-    missing = [c for c in wanted if c not in found]
-    if missing:
-        raise UserError(f"{path} has no column {', '.join(repr(m) for m in missing)} (found {', '.join(map(repr, found))}); "
-                        "rename the header or name the dataset's columns (--sentence1-column/--sentence2-column/"
-                        "--score-column/--negative-column, or \"columns\" in the data config)")
-
-
 def layout_of(path: str, columns: Columns, score_required: bool) -> Layout:
-    """Check that `path` holds the columns (reading only its header or schema)."""
+    """Check that `path` holds the columns (reading only its header, schema or first JSON object; a
+    JSON line without them is reported when it is read)."""
     fmt = file_format(path)
-    texts = columns.texts()
     if fmt.kind in ("tsv", "csv"):
-        header = _header_fields(fmt)
-        has_score = columns.score in header
-        wanted = tuple(texts + ([columns.score] if score_required or has_score else []))
-        _missing(path, header, wanted)
-        return Layout(fmt, wanted, tuple(header.index(c) for c in wanted), len(header), columns.score in wanted)
-    if fmt.kind == "parquet":
-        names = _parquet(path).schema_arrow.names
-        has_score = columns.score in names
-        wanted = tuple(texts + ([columns.score] if score_required or has_score else []))
-        _missing(path, names, wanted)
-        return Layout(fmt, wanted, has_score=columns.score in wanted)
-    # JSON Lines: the first object's keys say whether a score is there; each line is checked as read.
-    first = _first_json_object(fmt)
-    has_score = columns.score in first
-    wanted = tuple(texts + ([columns.score] if score_required or has_score else []))
-    _missing(path, list(first), wanted)
-    return Layout(fmt, wanted, has_score=columns.score in wanted)
+        found = _header_fields(fmt)
+    elif fmt.kind == "parquet":
+        found = _parquet(path).schema_arrow.names
+    else:
+        found = list(_first_json_object(fmt))
+    wanted = tuple(_wanted(columns, found, score_required))
+    _check_columns(path, found, wanted)
+    positions = tuple(found.index(c) for c in wanted) if fmt.kind in ("tsv", "csv") else ()
+    return Layout(fmt, wanted, positions, len(found) if positions else 0, columns.score in wanted)
 
 
 def _first_json_object(fmt: FileFormat) -> dict:

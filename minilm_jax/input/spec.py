@@ -23,7 +23,6 @@ import os
 import re
 from typing import TYPE_CHECKING
 
-from minilm_jax import losses
 from minilm_jax.errors import UsageError, UserError
 from minilm_jax.pairs import Columns
 
@@ -196,11 +195,3 @@ def _weighted(specs: list[DatasetSpec], weights) -> list[DatasetSpec]:
         by_name[name] = dataclasses.replace(by_name[name], weight=_weight(number, f"--dataset-weight {item!r}"))
     return [by_name[s.name] for s in specs]
 
-
-def needs_scores(cfg: TrainConfig, spec: DatasetSpec) -> bool:
-    return build_dataset_loss(cfg, spec).needs_scores
-
-
-def unit_interval(cfg: TrainConfig, spec: DatasetSpec) -> bool:
-    # CosineSimilarityLoss regresses cos(u, v) onto the label: it needs labels in [0, 1].
-    return isinstance(build_dataset_loss(cfg, spec), losses.CosineSimilarityLoss)

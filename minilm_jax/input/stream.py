@@ -74,7 +74,7 @@ class ShardStream:
             offset = max(offset, piece.start)
             for block_raws, block_wheres, after in self.reader.read(piece, offset):
                 if self.positives_only:
-                    keep = self._positives(piece, block_raws, block_wheres)
+                    keep = positives(self.reader, piece, block_raws, block_wheres)
                     block_raws = [block_raws[i] for i in keep]
                     block_wheres = [block_wheres[i] for i in keep]
                 if len(block_raws) >= need:
@@ -111,18 +111,6 @@ class ShardStream:
         if fmt.kind == "parquet" or fmt.splittable:
             return offset >= piece.end
         return False  # a whole file ends when its reader says so
-
-    def _positives(self, piece: Piece, raws: list, wheres: list) -> list[int]:
-        """The records labelled 1 (positives_only: the duplicates of a pair-class file)."""
-        keep = []
-        for i, (r, w) in enumerate(zip(raws, wheres)):
-            label = self.reader.parse(piece.path, r, w)[-1] * self.reader.score_scale
-            if label not in (0.0, 1.0):
-                raise UserError(f"{self.reader.where(piece.path, w)}: label {label:g} is not 0 or 1; positives_only "
-                                "keeps the rows labelled 1 (duplicates) of a pair-class file")
-            if label == 1.0:
-                keep.append(i)
-        return keep
 
     def _row(self, position: int) -> tuple:
         """The parsed row at a position of the window's permuted order."""
@@ -230,3 +218,16 @@ class ShardStream:
         self.frontier = state["frontier"]
         self.deferred = {p: self._row(p) for p in state["deferred"]}
         self.carried = [tuple(r) for r in state["carried"]]
+
+
+def positives(reader: Reader, piece: Piece, raws: list, wheres: list) -> list[int]:
+    """Which of these records are labelled 1 (positives_only: the duplicates of a pair-class file)."""
+    keep = []
+    for i, (r, w) in enumerate(zip(raws, wheres)):
+        label = reader.parse(piece.path, r, w)[-1] * reader.score_scale
+        if label not in (0.0, 1.0):
+            raise UserError(f"{reader.where(piece.path, w)}: label {label:g} is not 0 or 1; positives_only "
+                            "keeps the rows labelled 1 (duplicates) of a pair-class file")
+        if label == 1.0:
+            keep.append(i)
+    return keep
