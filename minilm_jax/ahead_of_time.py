@@ -16,6 +16,9 @@ from typing import Any, Callable
 
 import jax
 
+from minilm_jax import program_store
+from minilm_jax.host_memory import release_freed_memory
+
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _hits_by_thread: dict[int, int] = {}
 _listening = threading.Lock()
@@ -40,7 +43,7 @@ def _install_listener() -> None:
 class CompiledProgram:
     name: str
     seconds: float  # lowering and compiling, or loading from the persistent cache
-    from_cache: bool  # loaded from the persistent compilation cache, not compiled
+    from_cache: bool  # loaded from the program store or JAX's persistent compilation cache, not compiled
 
 
 class AheadOfTime:
@@ -55,24 +58,43 @@ class AheadOfTime:
         _install_listener()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="minilm-jax-compile")
         self._futures: dict[str, concurrent.futures.Future] = {}
+        # Saving a program to the store (program_store.py), apart from the compiles: close() lets a
+        # save finish where it drops the compiles not yet begun.
+        self._saves = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minilm-jax-save")
         self.compiled: list[CompiledProgram] = []
         self.warm_ups: list[tuple[float, int]] = []  # (seconds, programs) of each run()
 
-    def submit(self, name: str, function: Callable, *example_args: Any, call_compiled: bool = True) -> None:
+    def submit(self, name: str, function: Callable, *example_args: Any, call_compiled: bool = True,
+               stored_as: str | None = None) -> None:
         """call_compiled False: get() returns `function` itself, whose first call then loads what this
         compile put in the persistent cache (for pmap over several processes, whose compiled
-        executable takes global arrays where the pmapped function takes each process's own)."""
+        executable takes global arrays where the pmapped function takes each process's own).
+        stored_as: a description that defines the program (program_store.py), under which it is
+        loaded whole from the program store, or compiled and saved there."""
         if name not in self._futures:
-            self._futures[name] = self._pool.submit(self._compile, name, function, example_args, call_compiled)
+            self._futures[name] = self._pool.submit(self._compile, name, function, example_args, call_compiled,
+                                                    stored_as if call_compiled else None)
 
     def submitted(self, name: str) -> bool:
         return name in self._futures
 
-    def _compile(self, name: str, function: Callable, example_args: tuple, call_compiled: bool):
+    def _compile(self, name: str, function: Callable, example_args: tuple, call_compiled: bool,
+                 stored_as: str | None):
         thread = threading.get_ident()
         hits_before = _hits_by_thread.get(thread, 0)
         start = time.perf_counter()
-        executable = function.lower(*example_args).compile()
+        key = program_store.program_key(stored_as, *example_args) if stored_as else None
+        executable = program_store.load(key) if key else None
+        if executable is not None:
+            self.compiled.append(CompiledProgram(name, time.perf_counter() - start, True))
+            release_freed_memory()
+            return executable
+        if key:
+            executable = program_store.compile_fresh(function, example_args)
+            self._saves.submit(program_store.save, key, executable)  # while the program runs
+        else:
+            executable = function.lower(*example_args).compile()
+        release_freed_memory()
         seconds = time.perf_counter() - start
         self.compiled.append(CompiledProgram(name, seconds, _hits_by_thread.get(thread, 0) > hits_before))
         return executable if call_compiled else function
@@ -110,3 +132,4 @@ class AheadOfTime:
     def close(self, wait: bool = True) -> None:
         """wait=False: leave a compile in progress to its thread (a run that stops does not need it)."""
         self._pool.shutdown(wait=wait, cancel_futures=True)
+        self._saves.shutdown(wait=True)

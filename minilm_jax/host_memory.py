@@ -58,3 +58,17 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success.
     return bool(mallopt(_M_MMAP_MAX, 0) and mallopt(_M_TRIM_THRESHOLD, _LARGEST))
+
+
+def release_freed_memory() -> None:
+    """Give the memory the process has freed back to the system (glibc's malloc_trim), once a burst
+    of it is over: loading or compiling a program frees 1.1-2.5 times what the program keeps (the
+    fast train program: 137 of 259 MB; the general one: 392 of 521 MB), which the settings above
+    would otherwise hold for the rest of the run. Nothing elsewhere."""
+    if platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass

@@ -22,6 +22,7 @@ import optax
 from minilm_jax import data as data_lib
 from minilm_jax.ahead_of_time import AheadOfTime
 from minilm_jax.errors import Stopped, UsageError, UserError
+from minilm_jax.host_memory import release_freed_memory
 from minilm_jax.input import RunData, open_run_data
 from minilm_jax.input.pipeline import InputPipeline, Prefetch, first_rows
 from minilm_jax.optimizer import AdamW
@@ -277,9 +278,11 @@ class TrainPrograms:
         batches = data_lib.example_dispatch(self.spec.shapes, self.n_local, self.steps_per_dispatch, program)
         batches["learning_rate"] = np.zeros((self.n_local, self.steps_per_dispatch), np.float32)
         rng = np.zeros((2,), np.uint32)
-        self.compiler.submit(self.key(program), step_program(self.spec_of(program), program, self.n_global),
+        spec = self.spec_of(program)
+        self.compiler.submit(self.key(program), step_program(spec, program, self.n_global),
                              self._example_state, batches, rng, make_optimizer(TrainConfig()).as_inputs(),
-                             call_compiled=jax.process_count() == 1)
+                             call_compiled=jax.process_count() == 1,
+                             stored_as=f"step_program({spec!r}, {program!r}, n_devices={self.n_global})")
 
     def ready(self, program: str) -> bool:
         return self.compiler.ready(self.key(program))
@@ -469,6 +472,9 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         if pending is not None:
             settle(pending)
         items.close()  # its batch thread, when a stop left batches unused
+        # The steps' temporaries, kept for the next step (host_memory.py), are not needed again; the
+        # final checkpoint and the export allocate on other threads, which could not reuse them.
+        release_freed_memory()
         if stopped_at is None and stop.stop_after_loop(_barrier_seconds()):
             stopped_at = done  # whose checkpoint the loop has started
         if stopped_at is not None:
