@@ -88,7 +88,7 @@ def test_the_key_follows_what_defines_the_program(monkeypatch):
 
     x = jax.ShapeDtypeStruct((4, 3), np.float32)
     key = program_store.program_key("step v1", x)
-    assert key == program_store.program_key("step v1", x)
+    assert key is not None and key == program_store.program_key("step v1", x)
     assert key != program_store.program_key("step v2", x)
     assert key != program_store.program_key("step v1", jax.ShapeDtypeStruct((4, 5), np.float32))
     assert key != program_store.program_key("step v1", jax.ShapeDtypeStruct((4, 3), np.float16))
