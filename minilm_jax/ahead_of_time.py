@@ -85,18 +85,15 @@ class AheadOfTime:
         start = time.perf_counter()
         key = program_store.program_key(stored_as, *example_args) if stored_as else None
         executable = program_store.load(key) if key else None
-        if executable is not None:
-            self.compiled.append(CompiledProgram(name, time.perf_counter() - start, True))
-            release_freed_memory()
-            return executable
-        if key:
+        stored = executable is not None
+        if not stored and key:
             executable = program_store.compile_fresh(function, example_args)
             self._saves.submit(program_store.save, key, executable)  # while the program runs
-        else:
+        elif not stored:
             executable = function.lower(*example_args).compile()
         release_freed_memory()
         seconds = time.perf_counter() - start
-        self.compiled.append(CompiledProgram(name, seconds, _hits_by_thread.get(thread, 0) > hits_before))
+        self.compiled.append(CompiledProgram(name, seconds, stored or _hits_by_thread.get(thread, 0) > hits_before))
         return executable if call_compiled else function
 
     def run(self, name: str, warm_up: Callable[[], int]) -> None:

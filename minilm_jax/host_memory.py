@@ -48,12 +48,10 @@ def keep_step_memory() -> bool:
 def keep_freed_memory() -> bool:
     """glibc's part alone: never mmap a block, never trim the heap (what a process whose work runs
     on its main thread, as torch's does, needs)."""
-    if os.environ.get(OPT_OUT, "") not in ("", "0") or platform.libc_ver()[0] != "glibc":
+    if os.environ.get(OPT_OUT, "") not in ("", "0"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     # mallopt returns 1 on success.
@@ -65,10 +63,16 @@ def release_freed_memory() -> None:
     of it is over: loading or compiling a program frees 1.1-2.5 times what the program keeps (the
     fast train program: 137 of 259 MB; the general one: 392 of 521 MB), which the settings above
     would otherwise hold for the rest of the run. Nothing elsewhere."""
+    malloc_trim = _glibc_function("malloc_trim")
+    if malloc_trim is not None:
+        malloc_trim(0)
+
+
+def _glibc_function(name: str):
+    """glibc's function `name` (None on another C library, or where it cannot be loaded)."""
     if platform.libc_ver()[0] != "glibc":
-        return
+        return None
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
     except (OSError, AttributeError):
-        pass
+        return None

@@ -199,15 +199,13 @@ def save(key: str, compiled) -> bool:
         body = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         return False
+    from minilm_jax.corpus import atomic_write
+
     path = folder / (key + _SUFFIX)
-    tmp = folder / f".{key}.tmp-{os.getpid()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            f.write(FORMAT + hashlib.sha256(body).digest() + body)
-        os.replace(tmp, path)
+        atomic_write(str(path), FORMAT + hashlib.sha256(body).digest() + body)
     except OSError:
-        _remove(tmp)
         return False
     _evict(folder, keep=path)
     return True
@@ -229,7 +227,7 @@ def _evict(folder: Path, keep: Path) -> None:
         if path != keep:
             _remove(path)
             total -= size
-    for stale in folder.glob(".*.tmp-*"):  # a save killed midway, an hour ago or more
+    for stale in folder.glob(".*.tmp"):  # atomic_write's file of a save killed midway, an hour ago or more
         try:
             if stale.stat().st_mtime < time.time() - 3600:
                 stale.unlink()
