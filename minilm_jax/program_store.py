@@ -97,14 +97,16 @@ def _patched_from_outside() -> bool:
     test's or a user's monkeypatch): the source on disk then no longer says what a program does."""
     root = os.path.realpath(Path(__file__).resolve().parent)
     allowed = (root, *_library_dirs())
-    for name, module in list(sys.modules.items()):
+    # Copies (dict.copy runs without a thread switch): another thread may import meanwhile.
+    for name, module in sys.modules.copy().items():
         if module is None or not (name == "minilm_jax" or name.startswith("minilm_jax.")):
             continue
-        namespaces = [("", vars(module))]
-        namespaces += [(v.__qualname__ + ".", vars(v)) for v in vars(module).values()
+        top = vars(module).copy()
+        namespaces = [("", top)]
+        namespaces += [(v.__qualname__ + ".", dict(vars(v))) for v in top.values()
                        if isinstance(v, type) and v.__module__ == name]
         for owner, namespace in namespaces:
-            for value in list(namespace.values()):
+            for value in namespace.values():
                 code = getattr(value, "__code__", None)
                 if code is None:
                     continue
