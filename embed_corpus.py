@@ -4,10 +4,12 @@
     python embed_corpus.py texts.txt --output-dir corpus/
     python embed_corpus.py 'data/*.jsonl' --column text --output-dir corpus/ --precision int8
     python embed_corpus.py questions.tsv --column sentence1 --output-dir corpus/ --precision ubinary
+    python embed_corpus.py 'docs/*.parquet' --column body --id-column doc_id --output-dir corpus/
 
 Inputs: .txt (one text a line), .jsonl, .tsv/.csv (with a header) or .parquet (the text in
 --column), several files or globs, read as a stream in the order given. Every row is checked
 before anything is embedded: an empty text or a missing column is an error naming the line.
+With --id-column, each row's id (an integer or a string) is kept beside its embedding.
 
 Every local device embeds (encode's batching); memory is bounded by --shard-rows, not by the
 corpus. Run the same command again after a crash or kill: it goes on from the last complete shard,
@@ -47,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="text files or globs (.txt, .jsonl, .tsv, .csv, .parquet)")
     p.add_argument("--output-dir", required=True, help="the corpus folder (created; reused to resume)")
     p.add_argument("--column", default="text", help="the text column of .jsonl/.tsv/.csv/.parquet (default: %(default)s)")
+    p.add_argument("--id-column", default=None,
+                   help="a column of .jsonl/.tsv/.csv/.parquet whose values (integers or strings) are stored as the "
+                   "rows' ids beside the embeddings, and given with search.py's hits (default: ids are row numbers)")
     p.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2)")
     p.add_argument("--precision", default="float32", choices=PRECISIONS, help="default: %(default)s")
     p.add_argument("--calibration", default=None, metavar="NPY",
@@ -87,7 +92,7 @@ def main(argv=None):
         from minilm_jax.corpus_run import embed_corpus
 
         enable_compilation_cache()
-        summary = embed_corpus(TextSource.of(args.inputs, args.column), args.output_dir, args.model, args.precision,
+        summary = embed_corpus(TextSource.of(args.inputs, args.column, args.id_column), args.output_dir, args.model, args.precision,
                                shard_rows=args.shard_rows, block_rows=args.block_rows, batch_size=args.batch_size,
                                dtype=args.dtype, devices=args.devices, calibration=args.calibration,
                                calibration_rows=args.calibration_rows,

@@ -8,7 +8,8 @@
 Queries: a text file (one a line), .jsonl/.tsv/.csv/.parquet with --column (embedded with the
 corpus's model, checked by its fingerprint), or a .npy of float32 [Q, D] query embeddings.
 The output (default: stdout) is JSON Lines, one line a query in order:
-{"query": i, "hits": [{"corpus_id": row, "score": s}, ...]}, with the corpus's row numbers.
+{"query": i, "hits": [{"corpus_id": row, "score": s}, ...]}, with the corpus's row numbers. A corpus
+embedded with --id-column adds each hit's "id"; queries read with --id-column add "query_id".
 
 The corpus is placed on every local device at its stored precision, in chunks of --chunk-rows;
 int8/uint8/binary/ubinary corpora are searched and rescored as sentence-transformers'
@@ -37,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="an embedded corpus folder (embed_corpus.py)")
     p.add_argument("--queries", required=True, nargs="+", help="query texts (files or globs) or one .npy of embeddings")
     p.add_argument("--column", default="text", help="the text column of .jsonl/.tsv/.csv/.parquet (default: %(default)s)")
+    p.add_argument("--id-column", default=None,
+                   help="a column of the query files whose values are given as each line's query_id")
     p.add_argument("--model", default=None,
                    help="model folder for the query texts (default: the corpus's, from its manifest)")
     p.add_argument("--top-k", type=int, default=10, help="default: %(default)s")
@@ -55,11 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _query_embeddings(args, corpus):
+    """(query embeddings, the queries' ids or None)."""
     import numpy as np
 
     if len(args.queries) == 1 and args.queries[0].endswith(".npy"):
+        if args.id_column is not None:
+            raise UsageError("--id-column names a column of query files; a .npy of query embeddings has none")
         try:
-            return np.load(args.queries[0], allow_pickle=False)
+            return np.load(args.queries[0], allow_pickle=False), None
         except (OSError, ValueError) as e:
             raise UserError(f"--queries {args.queries[0]} is not a readable .npy file ({e})") from None
     import minilm_jax
@@ -69,8 +75,17 @@ def _query_embeddings(args, corpus):
     if model_fingerprint(model) != corpus.manifest["model"]["fingerprint"]:
         raise UserError(f"{args.corpus} was embedded by another model ({corpus.manifest['model']['path']}) than "
                         f"{model.path}; embed the queries with the corpus's model")
-    texts = list(TextSource.of(args.queries, args.column).texts())
-    return minilm_jax.encode(texts, model, batch_size=args.batch_size, devices=args.devices)
+    rows = list(TextSource.of(args.queries, args.column, args.id_column).rows())
+    embeddings = minilm_jax.encode([text for text, _ in rows], model, batch_size=args.batch_size, devices=args.devices)
+    return embeddings, None if args.id_column is None else [id_ for _, id_ in rows]
+
+
+def _hits_line(i: int, query_ids, rows: list, scores: list, ids) -> dict:
+    hits = [{"corpus_id": c, "score": s} for c, s in zip(rows, scores)]
+    if ids is not None:
+        for hit, id_ in zip(hits, ids):
+            hit["id"] = id_
+    return {"query": i, **({"query_id": query_ids[i]} if query_ids is not None else {}), "hits": hits}
 
 
 @cli_main
@@ -85,12 +100,13 @@ def main(argv=None):
 
     enable_compilation_cache()
     corpus = Corpus.open(args.corpus)
-    queries = _query_embeddings(args, corpus)
+    queries, query_ids = _query_embeddings(args, corpus)
     placed = place_corpus(corpus, chunk_rows=args.chunk_rows, devices=args.devices)
-    scores, ids = search(queries, placed, args.top_k, args.score_function, args.rescore, args.rescore_multiplier,
-                         args.query_chunk_size)
-    lines = "".join(json.dumps({"query": i, "hits": [{"corpus_id": c, "score": s} for c, s in zip(row_ids, row_scores)]})
-                    + "\n" for i, (row_ids, row_scores) in enumerate(zip(ids.tolist(), scores.tolist())))
+    scores, rows = search(queries, placed, args.top_k, args.score_function, args.rescore, args.rescore_multiplier,
+                          args.query_chunk_size)
+    ids = corpus.ids_of(rows).tolist() if corpus.id_column is not None else None
+    lines = "".join(json.dumps(_hits_line(i, query_ids, rows_i, scores_i, None if ids is None else ids[i])) + "\n"
+                    for i, (rows_i, scores_i) in enumerate(zip(rows.tolist(), scores.tolist())))
     if args.output is None:
         sys.stdout.write(lines)
     else:

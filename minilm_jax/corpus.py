@@ -7,23 +7,30 @@ Inputs (`TextSource`): one or more files or globs, read in the order given (a gl
 - `.parquet`: the text in `column`, read a record batch at a time.
 Row i of the corpus is the i-th text over the files in that order. An empty (or all-blank) text, a
 missing column or a non-string value is an error that names the file and the line (or row); the
-embed command checks every row before it embeds any.
+embed command checks every row before it embeds any. With an id column (not for `.txt`), each row
+also has an id: an integer (int64) or a non-empty string as the file holds it (always a string in
+.tsv/.csv), every row's of one kind. Ids are stored as given; their uniqueness is not checked
+(that would hold every id in memory).
 
 Output layout (an embedded corpus folder, readable without this library):
 
     corpus.json                 the manifest (below)
     ranges.npy                  int8/uint8 only: float32 [2, dim] calibration minima and maxima
     shard-00000.npy ...         rows [start, stop) of the corpus: a [rows, width] array, `dtype`
-    shard-00000.json ...        that shard's record: start, stop, sha256 of the .npy, model, precision
+    shard-00000.ids.npy ...     with --id-column only: those rows' ids, int64 or fixed-width unicode (<U)
+    shard-00000.json ...        that shard's record: start, stop, sha256 of the .npy (and .ids.npy), model,
+                                precision
 
 corpus.json holds `format` ("minilm-jax-corpus/1"), `model` (path and `fingerprint`: sha256 of the
 weights, configs and tokenizer), `precision`, `dim`, `dtype`, `width` (dim, or dim/8 bytes for the
 packed bit precisions), `rows`, `shard_rows`, `inputs` (each file with its rows and column) and
-their `fingerprint` (sha256 of every text), `ranges` (int8/uint8) and, once every shard is written,
-`complete: true` and `shards` (file, start, stop, sha256). So, with numpy alone:
+their `fingerprint` (sha256 of every text, and id), `ranges` (int8/uint8), `ids` (with --id-column:
+the column and "int64" or "str") and, once every shard is written, `complete: true` and `shards`
+(file, start, stop, sha256; ids_file, ids_sha256). So, with numpy alone:
 
     m = json.load(open("corpus.json"))
     emb = np.concatenate([np.load(s["file"], mmap_mode="r") for s in m["shards"]])  # rows in order
+    ids = np.concatenate([np.load(s["ids_file"]) for s in m["shards"]])  # with --id-column
 
 Every file is written to a temporary name and renamed; a shard counts only once its .json record is
 there, and that is written after its .npy. So a run killed at any moment loses at most the shards
@@ -104,12 +111,26 @@ def _utf8_lines(path: str):
                 raise UserError(f"{path} line {number} is not valid UTF-8 ({e.reason}); save the file as UTF-8") from None
 
 
-def _lines(path: str) -> Iterator[str]:
+def _check_id(value, where: str, id_column: str):
+    """A row's id: an int (int64) or a non-empty string, as the file holds it."""
+    if isinstance(value, str):
+        if not value:
+            raise UserError(f"{where}: the id in column {id_column!r} is empty; give every row an id")
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not -2**63 <= value < 2**63:
+            raise UserError(f"{where}: the id {value} in column {id_column!r} does not fit in int64; store it as a string")
+        return value
+    raise UserError(f"{where}: the id in column {id_column!r} is {type(value).__name__} {value!r:.40}; ids are "
+                    "integers or strings")
+
+
+def _lines(path: str, column: str, id_column: str | None) -> Iterator[tuple]:
     for number, line in _utf8_lines(path):
-        yield _check_text(line.rstrip("\r\n"), f"{path} line {number}")
+        yield _check_text(line.rstrip("\r\n"), f"{path} line {number}"), None
 
 
-def _jsonl(path: str, column: str) -> Iterator[str]:
+def _jsonl(path: str, column: str, id_column: str | None) -> Iterator[tuple]:
     for number, line in _utf8_lines(path):
         if not line.strip():
             raise UserError(f"{path} line {number} is empty; write one JSON object per line")
@@ -117,14 +138,17 @@ def _jsonl(path: str, column: str) -> Iterator[str]:
             row = json.loads(line)
         except ValueError as e:
             raise UserError(f"{path} line {number} is not valid JSON ({e}); write one JSON object per line") from None
-        if not isinstance(row, dict) or column not in row:
-            found = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
-            raise UserError(f"{path} line {number} has no column {column!r} (found {found}); name the text column "
-                            "with --column")
-        yield _check_text(row[column], f"{path} line {number}, column {column!r}")
+        for name, option in ((column, "--column"), (id_column, "--id-column")):
+            if name is not None and (not isinstance(row, dict) or name not in row):
+                found = ", ".join(map(repr, row)) if isinstance(row, dict) else type(row).__name__
+                raise UserError(f"{path} line {number} has no column {name!r} (found {found}); name the column "
+                                f"with {option}")
+        where = f"{path} line {number}"
+        yield (_check_text(row[column], f"{where}, column {column!r}"),
+               None if id_column is None else _check_id(row[id_column], where, id_column))
 
 
-def _table(path: str, column: str) -> Iterator[str]:
+def _table(path: str, column: str, id_column: str | None) -> Iterator[tuple]:
     delimiter = _TABLE_EXTS[os.path.splitext(path)[1].lower()]
     lines = (line for _, line in _utf8_lines(path))
     reader = csv.reader(lines, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
@@ -132,76 +156,97 @@ def _table(path: str, column: str) -> Iterator[str]:
     if header is None:
         raise UserError(f"{path} is empty; a {os.path.splitext(path)[1]} file needs a header line")
     header = [h.strip() for h in header]
-    if column not in header:
-        raise UserError(f"{path} has no column {column!r} (found {', '.join(map(repr, header))}); name the text "
-                        "column with --column")
+    _check_columns(path, header, column, id_column)
     at = header.index(column)
+    id_at = None if id_column is None else header.index(id_column)
     for row in reader:
         where = f"{path} line {reader.line_num}"
         if len(row) != len(header):
             raise UserError(f"{where} has {len(row)} fields, the header {len(header)}; fix the row")
-        yield _check_text(row[at], where)
+        yield _check_text(row[at], where), None if id_at is None else _check_id(row[id_at], where, id_column)
 
 
-def _parquet(path: str, column: str) -> Iterator[str]:
+def _check_columns(path: str, names: Sequence[str], column: str, id_column: str | None) -> None:
+    for name, option in ((column, "--column"), (id_column, "--id-column")):
+        if name is not None and name not in names:
+            raise UserError(f"{path} has no column {name!r} (found {', '.join(map(repr, names))}); name the column "
+                            f"with {option}")
+
+
+def _parquet(path: str, column: str, id_column: str | None) -> Iterator[tuple]:
     import pyarrow.parquet as pq
 
     try:
         f = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - arrow's errors for a file that is not parquet vary
         raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    names = f.schema_arrow.names
-    if column not in names:
-        raise UserError(f"{path} has no column {column!r} (found {', '.join(map(repr, names))}); name the text column "
-                        "with --column")
+    _check_columns(path, f.schema_arrow.names, column, id_column)
     row = 0
-    for batch in f.iter_batches(batch_size=8192, columns=[column]):
-        for text in batch.column(0).to_pylist():
-            yield _check_text(text, f"{path} row {row}")
+    for batch in f.iter_batches(batch_size=8192, columns=[column] + ([id_column] if id_column is not None else [])):
+        ids = batch.column(1).to_pylist() if id_column is not None else [None] * batch.num_rows
+        for text, id_ in zip(batch.column(0).to_pylist(), ids):
+            where = f"{path} row {row}"
+            yield _check_text(text, where), None if id_column is None else _check_id(id_, where, id_column)
             row += 1
 
 
 @dataclasses.dataclass(frozen=True)
 class TextSource:
-    """The texts of `files` (see the module docstring), read as a stream."""
+    """The texts of `files` (see the module docstring), read as a stream; with `id_column`, each row's
+    id beside its text (an int or a non-empty string, every row's id of one kind)."""
 
     files: tuple[str, ...]
     column: str = "text"
+    id_column: str | None = None
 
     @classmethod
-    def of(cls, patterns: Sequence[str], column: str = "text") -> "TextSource":
-        return cls(tuple(expand_inputs(patterns)), column)
+    def of(cls, patterns: Sequence[str], column: str = "text", id_column: str | None = None) -> "TextSource":
+        source = cls(tuple(expand_inputs(patterns)), column, id_column)
+        lines = [path for path in source.files if _kind(path) == "lines"]
+        if id_column is not None and lines:
+            raise UserError(f"{lines[0]} is a text file, one text a line, without columns; --id-column needs "
+                            ".jsonl, .tsv, .csv or .parquet inputs")
+        return source
 
-    def file_texts(self, path: str) -> Iterator[str]:
-        kind = _kind(path)
-        if kind == "lines":
-            return _lines(path)
-        if kind == "jsonl":
-            return _jsonl(path, self.column)
-        if kind == "table":
-            return _table(path, self.column)
-        return _parquet(path, self.column)
+    def file_rows(self, path: str) -> Iterator[tuple]:
+        """(text, id) of each row of `path`; id is None without id_column."""
+        reader = {"lines": _lines, "jsonl": _jsonl, "table": _table, "parquet": _parquet}[_kind(path)]
+        return reader(path, self.column, self.id_column)
+
+    def rows(self) -> Iterator[tuple]:
+        for path in self.files:
+            yield from self.file_rows(path)
 
     def texts(self) -> Iterator[str]:
-        for path in self.files:
-            yield from self.file_texts(path)
+        return (text for text, _ in self.rows())
 
     def scan(self) -> dict:
-        """Every row checked; {rows, inputs: [{path, rows}], fingerprint: sha256 of the texts}."""
+        """Every row checked; {rows, inputs: [{path, rows}], fingerprint: sha256 of the texts (and ids),
+        ids: "int64" or "str" with id_column}."""
         digest = hashlib.sha256()
-        inputs, total = [], 0
+        inputs, total, id_kind = [], 0, None
         for path in self.files:
             rows = 0
-            for text in self.file_texts(path):
+            for text, id_ in self.file_rows(path):
                 digest.update(text.encode("utf-8"))
                 digest.update(b"\n")
+                if self.id_column is not None:
+                    kind = "str" if isinstance(id_, str) else "int64"
+                    if id_kind is None:
+                        id_kind = kind
+                    elif kind != id_kind:
+                        raise UserError(f"row {rows + 1} of {path}: the id {id_!r:.40} is {'a string' if kind == 'str' else 'an integer'}, "
+                                        f"the ids before it {'strings' if id_kind == 'str' else 'integers'}; give every "
+                                        "row an id of one kind")
+                    digest.update(f"{kind}:{id_}\n".encode("utf-8", "surrogatepass"))
                 rows += 1
             if rows == 0:
                 raise UserError(f"{path} holds no text; remove it from the inputs")
             inputs.append({"path": os.path.abspath(path), "rows": rows,
-                           **({"column": self.column} if _kind(path) != "lines" else {})})
+                           **({"column": self.column} if _kind(path) != "lines" else {}),
+                           **({"id_column": self.id_column} if self.id_column is not None else {})})
             total += rows
-        return {"rows": total, "inputs": inputs, "fingerprint": digest.hexdigest()}
+        return {"rows": total, "inputs": inputs, "fingerprint": digest.hexdigest(), "ids": id_kind}
 
 
 def blocks(texts: Iterator[str], start: int, stop: int, size: int) -> Iterator[list[str]]:
@@ -252,6 +297,20 @@ def atomic_write(path: str, data: bytes) -> None:
         with _suppress_oserror():
             os.remove(tmp)
         raise
+
+
+def remove_unfinished(folder: str, names) -> int:
+    """Remove the temporary files that atomic_write left for the files `names` (a set) in `folder` when its
+    process was killed mid-write (only the writer of those files may call this); returns how many.
+    One listing of the folder, whatever the number of names."""
+    removed = 0
+    for entry in os.scandir(folder):
+        # atomic_write's temporary names: "." + name + "." + mkstemp's random characters (no dot) + ".tmp"
+        if entry.name.startswith(".") and entry.name.endswith(".tmp") and entry.name[1:].rsplit(".", 2)[0] in names:
+            with _suppress_oserror():
+                os.remove(entry.path)
+                removed += 1
+    return removed
 
 
 def _umask() -> int:
@@ -305,6 +364,8 @@ class Plan:
     inputs: tuple
     input_fingerprint: str
     ranges_sha256: str | None = None
+    id_column: str | None = None  # each row's id is stored beside its embedding (shard-NNNNN.ids.npy)
+    id_kind: str | None = None  # "int64" or "str"
 
     @property
     def dtype(self) -> np.dtype:
@@ -328,6 +389,8 @@ class Plan:
                "inputs": [dict(i) for i in self.inputs], "input_fingerprint": self.input_fingerprint}
         if self.ranges_sha256 is not None:
             out["ranges"] = {"file": RANGES, "sha256": self.ranges_sha256}
+        if self.id_column is not None:
+            out["ids"] = {"column": self.id_column, "dtype": self.id_kind}
         out["complete"] = shards is not None
         if shards is not None:
             out["shards"] = shards
@@ -337,7 +400,8 @@ class Plan:
     def from_manifest(cls, m: dict) -> "Plan":
         return cls(m["model"]["path"], m["model"]["fingerprint"], m["precision"], int(m["dim"]), int(m["rows"]),
                    int(m["shard_rows"]), tuple(m["inputs"]), m["input_fingerprint"],
-                   (m.get("ranges") or {}).get("sha256"))
+                   (m.get("ranges") or {}).get("sha256"), (m.get("ids") or {}).get("column"),
+                   (m.get("ids") or {}).get("dtype"))
 
 
 def read_manifest(folder: str) -> dict | None:
@@ -360,6 +424,9 @@ def check_same_corpus(existing: Plan, wanted: Plan, folder: str) -> None:
     if existing.precision != wanted.precision:
         raise UserError(f"{folder} was embedded at precision {existing.precision}, not {wanted.precision}; ask for "
                         f"--precision {existing.precision} or use another --output-dir")
+    if existing.id_column != wanted.id_column:
+        had = f"with --id-column {existing.id_column}" if existing.id_column else "without --id-column"
+        raise UserError(f"{folder} was embedded {had}; give the same --id-column or another --output-dir")
     if existing.input_fingerprint != wanted.input_fingerprint or existing.rows != wanted.rows:
         raise UserError(f"{folder} was embedded from other texts ({existing.rows} rows of "
                         f"{', '.join(i['path'] for i in existing.inputs)}); give the same inputs or another --output-dir")
@@ -381,23 +448,42 @@ def shard_record(folder: str, plan: Plan, index: int) -> dict | None:
         raise UserError(f"{record_path} is a foreign shard (model {str(record.get('model_fingerprint'))[:12]}, precision "
                         f"{record.get('precision')}, rows {record.get('start')}-{record.get('stop')}; this corpus wants "
                         f"{plan.model_fingerprint[:12]}, {plan.precision}, rows {start}-{stop}); move it away")
-    npy = os.path.join(folder, record["file"])
-    if not os.path.exists(npy) or os.path.getsize(npy) != record.get("bytes"):
-        raise UserError(f"{npy} is missing or has the wrong size for its record {record_path}; delete both to embed "
-                        "those rows again")
+    for file, size in ((record["file"], record.get("bytes")), (record.get("ids_file"), record.get("ids_bytes"))):
+        if file is None and plan.id_column is not None:
+            raise UserError(f"{record_path} has no ids file, but this corpus keeps ids ({plan.id_column}); move it away")
+        npy = os.path.join(folder, file) if file is not None else None
+        if npy is not None and (not os.path.exists(npy) or os.path.getsize(npy) != size):
+            raise UserError(f"{npy} is missing or has the wrong size for its record {record_path}; delete "
+                            f"{name}.* to embed those rows again")
     return record
 
 
-def write_shard(folder: str, plan: Plan, index: int, stored: np.ndarray) -> dict:
-    """Shard `index` (its rows at the plan's precision) and then its record, each atomically."""
+def ids_array(ids: Sequence, kind: str) -> np.ndarray:
+    """A shard's ids as stored: int64, or fixed-width unicode (`<U` the longest id) for strings."""
+    if kind == "int64":
+        return np.asarray(ids, dtype=np.int64)
+    return np.asarray(ids, dtype=f"<U{max(1, max(map(len, ids), default=1))}")
+
+
+def write_shard(folder: str, plan: Plan, index: int, stored: np.ndarray, ids: np.ndarray | None = None) -> dict:
+    """Shard `index` (its rows at the plan's precision), its ids (with an id column), then its record,
+    each atomically."""
     start, stop = plan.shard_range(index)
     if stored.shape != (stop - start, plan.width) or stored.dtype != plan.dtype:
         raise AssertionError(f"shard {index}: {stored.dtype} {stored.shape}, expected {plan.dtype} {(stop - start, plan.width)}")
+    if (ids is None) != (plan.id_column is None) or (ids is not None and ids.shape != (stop - start,)):
+        raise AssertionError(f"shard {index}: ids {None if ids is None else ids.shape} for id column {plan.id_column}")
     name = shard_name(index)
+    record = {}
+    if ids is not None:
+        id_data = npy_bytes(ids)
+        atomic_write(os.path.join(folder, name + ".ids.npy"), id_data)
+        record = {"ids_file": name + ".ids.npy", "ids_bytes": len(id_data),
+                  "ids_sha256": hashlib.sha256(id_data).hexdigest()}
     data = npy_bytes(stored)
     atomic_write(os.path.join(folder, name + ".npy"), data)
     record = {"file": name + ".npy", "start": start, "stop": stop, "bytes": len(data),
-              "sha256": hashlib.sha256(data).hexdigest(), "model_fingerprint": plan.model_fingerprint,
+              "sha256": hashlib.sha256(data).hexdigest(), **record, "model_fingerprint": plan.model_fingerprint,
               "precision": plan.precision}
     atomic_write(os.path.join(folder, name + ".json"), json.dumps(record).encode())
     return record
@@ -429,12 +515,17 @@ class Corpus:
             if s["start"] != expected:
                 raise UserError(f"{folder}/{MANIFEST}: shard {s['file']} starts at row {s['start']}, expected {expected}")
             expected = s["stop"]
-            path = os.path.join(folder, s["file"])
-            if not os.path.exists(path):
-                raise UserError(f"{path} is missing; the corpus is incomplete")
-            if verify and sha256_file(path) != s["sha256"]:
-                raise UserError(f"{path} is corrupt: its sha256 differs from {MANIFEST}'s; embed those rows again "
-                                f"(delete it and {os.path.splitext(s['file'])[0]}.json, then rerun the embed command)")
+            files = [(s["file"], s["sha256"])] + ([(s["ids_file"], s["ids_sha256"])] if "ids_file" in s else [])
+            if "ids" in m and "ids_file" not in s:
+                raise UserError(f"{folder}/{MANIFEST}: shard {s['file']} has no ids file, but the corpus keeps ids")
+            for file, sha256 in files:
+                path = os.path.join(folder, file)
+                if not os.path.exists(path):
+                    raise UserError(f"{path} is missing; the corpus is incomplete")
+                if verify and sha256_file(path) != sha256:
+                    raise UserError(f"{path} is corrupt: its sha256 differs from {MANIFEST}'s; embed those rows again "
+                                    f"(delete {shard_name(s['start'] // m['shard_rows'])}.*, then rerun the embed "
+                                    "command)")
         if expected != m["rows"]:
             raise UserError(f"{folder}/{MANIFEST}: shards cover {expected} rows, the manifest says {m['rows']}")
         return corpus
@@ -450,6 +541,34 @@ class Corpus:
     @property
     def rows(self) -> int:
         return int(self.manifest["rows"])
+
+    @property
+    def id_column(self) -> str | None:
+        """The input column whose values are the rows' ids (embed_corpus.py --id-column), or None."""
+        return (self.manifest.get("ids") or {}).get("column")
+
+    def ids_of(self, rows) -> np.ndarray:
+        """The ids of corpus rows `rows` (an int array of any shape): int64, or str objects; the rows
+        themselves when the corpus keeps no ids. Reads only the shards' ids files those rows are in."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.id_column is None:
+            return rows.copy()
+        strings = self.manifest["ids"]["dtype"] == "str"
+        out = np.empty(rows.shape, dtype=object if strings else np.int64)
+        shard_of = rows // int(self.manifest["shard_rows"])
+        for index in np.unique(shard_of):
+            s = self.manifest["shards"][int(index)]
+            path = os.path.join(self.folder, s["ids_file"])
+            try:
+                ids = np.load(path, mmap_mode="r", allow_pickle=False)
+            except ValueError as e:
+                raise UserError(f"{path} is not a readable .npy file ({e})") from None
+            if ids.shape != (s["stop"] - s["start"],) or ids.dtype.kind != ("U" if strings else "i"):
+                raise UserError(f"{path} holds {ids.dtype} {ids.shape}, not the {s['stop'] - s['start']} ids of its "
+                                "shard: a foreign or damaged ids file")
+            here = shard_of == index
+            out[here] = ids[rows[here] - s["start"]].tolist() if strings else ids[rows[here] - s["start"]]
+        return out
 
     def ranges(self) -> np.ndarray | None:
         if "ranges" not in self.manifest:

@@ -2,9 +2,10 @@
 resumable.
 
 The corpus is cut into shards of `shard_rows` rows; shard i belongs to process i % process_count.
-Each process reads the text stream once, embeds its shards that have no record yet, a block of
-`block_rows` texts per `encode` call (encode sorts a block by length and spreads it over the
-devices), quantizes each block, and writes each shard atomically. Memory is bounded by one shard
+Each process reads the text stream once and embeds its shards that have no record yet, in blocks
+of `block_rows` texts (`encode_blocks`: each block sorted by length and spread over the devices as
+`encode` does, the next block tokenised while this one runs), quantizes each block, and writes
+each shard atomically. Memory is bounded by one shard
 and one block, not by the corpus. When all shards are there, process 0 writes the complete manifest.
 """
 
@@ -39,14 +40,14 @@ def _barrier(name: str, process_count: int) -> None:
         jax_distributed.global_state.client.wait_at_barrier(name, _BARRIER_HOURS * 3600 * 1000)
 
 
-def _encode_rows(source: store.TextSource, model, start: int, stop: int, block_rows: int, embed_block):
+def _encode_rows(source: store.TextSource, start: int, stop: int, block_rows: int, embed_blocks):
     """Float32 embeddings of rows [start, stop), a block at a time (the blocks the shards use)."""
     texts = itertools.islice(source.texts(), start, None)
-    return np.concatenate([embed_block(block) for block in store.blocks(texts, start, stop, block_rows)])
+    return np.concatenate(list(embed_blocks(store.blocks(texts, start, stop, block_rows))))
 
 
-def _calibration_ranges(source, model, plan_rows: int, calibration, calibration_rows: int, block_rows: int,
-                        dim: int, embed_block) -> np.ndarray:
+def _calibration_ranges(source, plan_rows: int, calibration, calibration_rows: int, block_rows: int, dim: int,
+                        embed_blocks) -> np.ndarray:
     if calibration is not None:
         try:
             array = np.load(calibration, allow_pickle=False)
@@ -61,7 +62,7 @@ def _calibration_ranges(source, model, plan_rows: int, calibration, calibration_
     n = min(calibration_rows, plan_rows)
     # Whole blocks, as the shards embed them, so the calibration rows are the corpus's own rows bit for bit.
     stop = min(plan_rows, -(-n // block_rows) * block_rows)
-    return ranges_of(_encode_rows(source, model, 0, stop, block_rows, embed_block)[:n])
+    return ranges_of(_encode_rows(source, 0, stop, block_rows, embed_blocks)[:n])
 
 
 @dataclasses.dataclass
@@ -89,7 +90,7 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
     Run it again with the same arguments after a crash: it goes on from the last complete shard.
     int8/uint8: ranges from `calibration` (.npy: [2, D] ranges or [N, D] embeddings), else from the
     first `calibration_rows` rows of the corpus (quantize.py's docstring)."""
-    from minilm_jax.encode import encode, load
+    from minilm_jax.encode import encode_blocks, load
     from minilm_jax.checkpoint_io import Model
 
     t0 = time.perf_counter()
@@ -107,7 +108,8 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
     os.makedirs(output_dir, exist_ok=True)
     scanned = source.scan()  # every row checked before anything is embedded
     plan = store.Plan(model.path, store.model_fingerprint(model), precision, model.config.hidden_size,
-                      scanned["rows"], shard_rows, tuple(scanned["inputs"]), scanned["fingerprint"])
+                      scanned["rows"], shard_rows, tuple(scanned["inputs"]), scanned["fingerprint"],
+                      id_column=source.id_column, id_kind=scanned["ids"])
     existing = store.read_manifest(output_dir)
     if existing is not None:
         store.check_same_corpus(store.Plan.from_manifest(existing), plan, output_dir)
@@ -115,8 +117,13 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
             store.Corpus.open(output_dir, verify=False)
             return Summary(output_dir, plan.rows, plan.n_shards, 0, time.perf_counter() - t0, True)
 
-    def embed_block(texts):
-        return encode(texts, model, batch_size=batch_size, dtype=dtype, devices=devices)
+    mine = [i for i in range(plan.n_shards) if i % process_count == process_index]
+    # A run killed mid-write left temporary files; each process removes those of the files only it writes.
+    store.remove_unfinished(output_dir, {store.shard_name(i) + ext for i in mine for ext in (".npy", ".ids.npy", ".json")}
+                            | ({store.MANIFEST, store.RANGES} if process_index == 0 else set()))
+
+    def embed_blocks(blocks):  # each block's float32 embeddings, as encode(block) gives them, pipelined
+        return encode_blocks(blocks, model, batch_size=batch_size, dtype=dtype, devices=devices)
 
     ranges = None
     if precision in CALIBRATED:
@@ -126,8 +133,8 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
                 raise UserError(f"{ranges_path} differs from the one the shards were quantized with; restore it or "
                                 "embed into another --output-dir")
         elif process_index == 0:
-            computed = _calibration_ranges(source, model, plan.rows, calibration, calibration_rows, block_rows,
-                                           plan.dim, embed_block)
+            computed = _calibration_ranges(source, plan.rows, calibration, calibration_rows, block_rows, plan.dim,
+                                           embed_blocks)
             store.atomic_write(ranges_path, store.npy_bytes(computed))
         _barrier("minilm-jax-corpus-ranges", process_count)
         ranges = np.load(ranges_path, allow_pickle=False)
@@ -135,7 +142,6 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
     if existing is None and process_index == 0:
         store.write_manifest(output_dir, plan)
 
-    mine = [i for i in range(plan.n_shards) if i % process_count == process_index]
     todo = [i for i in mine if store.shard_record(output_dir, plan, i) is None]
     todo_rows = sum(b - a for a, b in map(plan.shard_range, todo))
     bar = None
@@ -144,21 +150,39 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
 
         mine_rows = sum(b - a for a, b in map(plan.shard_range, mine))
         bar = tqdm(total=mine_rows, initial=mine_rows - todo_rows, unit="texts", desc="Embedding", smoothing=0.1)
-    texts, at = source.texts(), 0
+
+    block_ids = collections.deque()  # each block's ids, from its reading to its shard's writing
+
+    def todo_blocks():  # the texts of the shards to embed, in blocks that never straddle two shards
+        rows, at = source.rows(), 0
+        for index in todo:
+            start, stop = plan.shard_range(index)
+            collections.deque(itertools.islice(rows, start - at), maxlen=0)  # skip the rows of other shards
+            for block in store.blocks(rows, start, stop, block_rows):
+                texts, ids = zip(*block)
+                block_ids.append(ids)
+                yield texts
+            at = stop
+
     t_embed = time.perf_counter()
-    for index in todo:
-        start, stop = plan.shard_range(index)
-        collections.deque(itertools.islice(texts, start - at), maxlen=0)  # skip the rows of other shards
-        buffer = np.empty((stop - start, plan.width), plan.dtype)
-        done = 0
-        for block in store.blocks(texts, start, stop, block_rows):
-            buffer[done:done + len(block)] = quantize(embed_block(block), precision, ranges)
-            done += len(block)
-            if bar is not None:
-                bar.update(len(block))
-        at = stop
-        store.write_shard(output_dir, plan, index, buffer)
-        del buffer
+    embedded = embed_blocks(todo_blocks())
+    try:
+        for index in todo:
+            start, stop = plan.shard_range(index)
+            buffer = np.empty((stop - start, plan.width), plan.dtype)
+            ids, done = [], 0
+            while done < stop - start:
+                block = next(embedded)
+                buffer[done:done + len(block)] = quantize(block, precision, ranges)
+                ids.extend(block_ids.popleft())
+                done += len(block)
+                if bar is not None:
+                    bar.update(len(block))
+            store.write_shard(output_dir, plan, index, buffer,
+                              store.ids_array(ids, plan.id_kind) if plan.id_column is not None else None)
+            del buffer, ids
+    finally:
+        embedded.close()  # its threads end with it
     seconds = time.perf_counter() - t_embed
     if bar is not None:
         bar.close()
@@ -171,7 +195,8 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
             if record is None:
                 raise UserError(f"{output_dir}/{store.shard_name(i)}.json is missing after every process finished: "
                                 "with several processes the output folder must be one shared folder")
-            records.append({k: record[k] for k in ("file", "start", "stop", "bytes", "sha256")})
+            records.append({k: record[k] for k in ("file", "start", "stop", "bytes", "sha256", "ids_file", "ids_sha256")
+                            if k in record})
         store.write_manifest(output_dir, plan, records)
         complete = True
     return Summary(output_dir, plan.rows, plan.n_shards, todo_rows, seconds if todo_rows else time.perf_counter() - t0,

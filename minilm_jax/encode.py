@@ -14,7 +14,7 @@ import concurrent.futures
 import dataclasses
 import functools
 import os
-from typing import Sequence
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import numpy as np
@@ -257,12 +257,13 @@ def _placed_params(params, placement: _Placement):
     return placed
 
 
-def _embed_on_device(embed, params, ids, mask, placement: _Placement, *more) -> jax.Array:
-    return embed(params, *(jax.device_put(x, placement.rows) for x in (ids, mask, *more)))
+def _embed_on_device(embed, params, arrays: tuple, placement: _Placement) -> jax.Array:
+    """embed(params, *arrays), each host array's rows split over the placement's devices."""
+    return embed(params, *(jax.device_put(x, placement.rows) for x in arrays))
 
 
-def _embed_to_host(embed, params, ids, mask, placement: _Placement, *more) -> np.ndarray:
-    return np.asarray(_embed_on_device(embed, params, ids, mask, placement, *more))
+def _embed_to_host(embed, params, arrays: tuple, placement: _Placement) -> np.ndarray:
+    return np.asarray(_embed_on_device(embed, params, arrays, placement))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -351,42 +352,26 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     # Once per call (and kept for the next call), not once per batch: host (numpy) parameters, as a
     # training run's evaluation passes them, would otherwise be copied to the devices by every batch.
     params = _placed_params(model.params, placement)
-    # Two passes, so that memory is bounded by _CHUNK and not by len(items): token counts first (to
-    # sort by length over the whole input), then the ids of _CHUNK sorted sentences at a time. The
-    # batches are the same as tokenising everything at once would give.
-    lengths = _token_lengths(model, items)
-    order = np.argsort(-lengths, kind="stable")
-    shapes = iter(plan.shapes(lengths[order]))
-    chunk = max(1, _CHUNK // per_call) * per_call  # whole calls per chunk
     bar = None
     if show_progress_bar:
         from tqdm.auto import tqdm
 
-        bar = tqdm(desc="Batches", total=-(-len(order) // per_call))
+        bar = tqdm(desc="Batches", total=-(-len(items) // per_call))
     out = None if convert_to_tensor else np.zeros((len(items), hidden), dtype=np.float32)
     on_device, where = [], np.empty(len(items), np.int64)  # convert_to_tensor: outputs, and each row's place in them
     pending = collections.deque()
     work = _embed_on_device if convert_to_tensor else _embed_to_host
     done_rows = 0
     with concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="minilm-jax-encode") as pool:
-        for chunk_start in range(0, len(order), chunk):
-            chunk_idx = order[chunk_start:chunk_start + chunk]
-            token_ids = model.tokenizer.token_ids([items[i] for i in chunk_idx])
-            for start in range(0, len(chunk_idx), per_call):
-                idx = chunk_idx[start:start + per_call]
-                rows = token_ids[start:start + per_call]
-                n_rows, length = next(shapes)
-                ids, mask = pad_batch(rows, length, n_rows, model.tokenizer.pad_id)
-                more = (_without_prompt(mask, skip),) if skip else ()
-                if convert_to_tensor:
-                    where[idx] = done_rows + np.arange(len(idx))
-                    done_rows += n_rows
-                pending.append((idx, pool.submit(work, embed, params, ids, mask, placement, *more)))
-                if len(pending) > _IN_FLIGHT:
-                    _settle(pending.popleft(), out, on_device)
-                if bar is not None:
-                    bar.update(1)
-            del token_ids
+        for idx, n_rows, arrays in _device_calls(model, items, plan, skip):
+            if convert_to_tensor:
+                where[idx] = done_rows + np.arange(len(idx))
+                done_rows += n_rows
+            pending.append((idx, pool.submit(work, embed, params, arrays, placement)))
+            if len(pending) > _IN_FLIGHT:
+                _settle(pending.popleft(), out, on_device)
+            if bar is not None:
+                bar.update(1)
         while pending:
             _settle(pending.popleft(), out, on_device)
     if bar is not None:
@@ -419,6 +404,89 @@ def _token_lengths(model: Model, items: list) -> np.ndarray:
     return np.concatenate([model.tokenizer.token_lengths(items[i:i + _CHUNK]) for i in range(0, len(items), _CHUNK)])
 
 
+def _device_calls(model: Model, items: list, plan: _CallPlan, skip: int):
+    """encode's device calls for `items`, longest sentences first: (the rows' indices in `items`, the
+    padded row count, the call's host arrays: ids, mask and, when a prompt is left out of pooling, the
+    pooled mask). Tokenised once when the items fit one chunk; otherwise in two passes, so that memory
+    is bounded by _CHUNK and not by len(items): token counts first (to sort the whole input by length),
+    then the ids of _CHUNK sorted sentences at a time. The calls are the same either way."""
+    per_call, pad_id = plan.per_call, model.tokenizer.pad_id
+    all_ids = model.tokenizer.token_ids(items) if len(items) <= _CHUNK else None
+    lengths = (np.fromiter(map(len, all_ids), np.int64, len(all_ids)) if all_ids is not None
+               else _token_lengths(model, items))
+    order = np.argsort(-lengths, kind="stable")
+    shapes = iter(plan.shapes(lengths[order]))
+    chunk = max(1, _CHUNK // per_call) * per_call  # whole calls per chunk
+    for chunk_start in range(0, len(order), chunk):
+        chunk_idx = order[chunk_start:chunk_start + chunk]
+        token_ids = ([all_ids[i] for i in chunk_idx] if all_ids is not None
+                     else model.tokenizer.token_ids([items[i] for i in chunk_idx]))
+        for start in range(0, len(chunk_idx), per_call):
+            n_rows, length = next(shapes)
+            ids, mask = pad_batch(token_ids[start:start + per_call], length, n_rows, pad_id)
+            yield chunk_idx[start:start + per_call], n_rows, (ids, mask, *((_without_prompt(mask, skip),) if skip else ()))
+
+
+def encode_blocks(blocks: Iterable[Sequence[str]], model: Model | str | os.PathLike | None = None,
+                  batch_size: int = 32, normalize: bool | None = None, dtype: str = "float32",
+                  devices=None) -> Iterator[np.ndarray]:
+    """encode(block, model, ...) of each block of a stream, in order, each equal to it byte for byte
+    (the same device calls), for streams too large to hold (embed_corpus.py reads a corpus this way).
+
+    Pipelined, which encode called block by block is not: the next block is tokenised on a thread
+    while this block's calls run, and the devices get the next block's calls before this block's
+    last ones have finished. Memory: about two blocks' token ids and outputs. Prompts: the model's
+    default prompt, as encode's defaults."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(model, Model):
+        model = load(model)
+    compute_dtype(dtype)
+    plan = _CallPlan.of(model, batch_size, devices)
+    head = model_head(model, normalize)
+    hidden = head.dimension(model.config.hidden_size)
+    skip = _prompted(model, ["x"], None, None)[1]
+    embed = _embed_fn(model.config, head, dtype, pool_mask=bool(skip))
+    params = _placed_params(model.params, plan.placement)
+
+    def prepare(block):
+        items = _prompted(model, check_sentences(list(block)), None, None)[0]
+        return len(items), list(_device_calls(model, items, plan, skip))
+
+    blocks = iter(blocks)
+    outputs: collections.deque = collections.deque()  # [output, calls not yet settled] of each block, in order
+    pending: collections.deque = collections.deque()
+    with concurrent.futures.ThreadPoolExecutor(_WORKERS, thread_name_prefix="minilm-jax-encode") as pool, \
+            concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="minilm-jax-tokenize") as tokenizing:
+        def upcoming_block():
+            block = next(blocks, None)
+            return None if block is None else tokenizing.submit(prepare, block)
+
+        def settle_oldest():
+            block, idx, future = pending.popleft()
+            block[0][idx] = future.result()[: len(idx)]
+            block[1] -= 1
+
+        upcoming = upcoming_block()
+        while upcoming is not None:
+            rows, calls = upcoming.result()
+            upcoming = upcoming_block()
+            block = [np.zeros((rows, hidden), np.float32), len(calls)]
+            outputs.append(block)
+            for idx, _, arrays in calls:
+                pending.append((block, idx, pool.submit(_embed_to_host, embed, params, arrays, plan.placement)))
+                if len(pending) > _IN_FLIGHT:
+                    settle_oldest()
+                while outputs and outputs[0][1] == 0:
+                    yield outputs.popleft()[0]
+            while outputs and outputs[0][1] == 0:  # a block without calls (empty)
+                yield outputs.popleft()[0]
+        while pending:
+            settle_oldest()
+            while outputs and outputs[0][1] == 0:
+                yield outputs.popleft()[0]
+
+
 def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool | None = None,
             dtype: str = "float32", devices=None) -> int:
     """Compile, ahead of time, every program that encode(texts, model, ...) would compile (with the
@@ -439,7 +507,7 @@ def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, 
     for n_rows, length in sorted(shapes):
         ids, mask = pad_batch([], length, n_rows, model.tokenizer.pad_id)
         more = (mask,) if skip else ()
-        jax.block_until_ready(_embed_on_device(embed, params, ids, mask, plan.placement, *more))
+        jax.block_until_ready(_embed_on_device(embed, params, (ids, mask, *more), plan.placement))
     return compiled_programs() - before
 
 

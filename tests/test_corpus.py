@@ -233,6 +233,7 @@ def test_kill_9_then_resume_equals_an_uninterrupted_run(data_dir, model_path, ja
     done = sorted(p.name for p in out.glob("shard-*.json"))
     assert 3 <= len(done) < 12, done
     before = {p: (out / p).read_bytes() for p in done}
+    (out / ".shard-00011.npy.k1lled_x.tmp").write_bytes(b"half")  # as a kill in the middle of a write leaves
     resumed = run_cli(*args)
     assert resumed.returncode == 0, resumed.stderr
     summary = json.loads(resumed.stdout.splitlines()[-1])
@@ -357,6 +358,81 @@ def test_search_command(real, jax_model, tmp_path):
     assert [h["hits"][0]["corpus_id"] for h in hits] == [0, 1, 2]  # each query finds itself, rescored
     assert_user_error(runs["dim"], 1, "dimension 100, the corpus 384")
     assert_user_error(runs["half"], 1, "is not complete yet")
+
+
+def test_id_column_keeps_each_rows_id_and_search_gives_it(real, jax_model, tmp_path):
+    """--id-column: ids (integers from .jsonl, strings from .tsv) stored per shard beside embeddings equal to an
+    embedding without ids; search.py gives each hit's id and each query's query_id; bad ids are clear errors."""
+    import minilm_jax
+    from minilm_jax.corpus import Corpus, TextSource
+    from minilm_jax.corpus_run import embed_corpus
+
+    texts = real["texts"][:90]
+    ints = [1000 + 7 * i for i in range(90)]
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"qid": q, "text": t}) + "\n" for q, t in zip(ints, texts)))
+    (tmp_path / "a.txt").write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (tmp_path / "b.tsv").write_text("key\ttext\n" + "".join(f"doc-{i}\t{t}\n" for i, t in enumerate(texts)))
+    kw = dict(shard_rows=32, block_rows=16)
+    embed_corpus(TextSource.of([str(tmp_path / "a.jsonl")], id_column="qid"), str(tmp_path / "ints"), jax_model, **kw)
+    embed_corpus(TextSource.of([str(tmp_path / "b.tsv")], id_column="key"), str(tmp_path / "strs"), jax_model,
+                 "ubinary", **kw)
+    embed_corpus(TextSource.of([str(tmp_path / "a.txt")]), str(tmp_path / "plain"), jax_model, **kw)
+    assert _load(tmp_path / "ints").tobytes() == _load(tmp_path / "plain").tobytes()
+    for folder, expected, kind in (("ints", ints, "i"), ("strs", [f"doc-{i}" for i in range(90)], "U")):
+        m = json.loads((tmp_path / folder / "corpus.json").read_text())
+        stored = np.concatenate([np.load(tmp_path / folder / s["ids_file"]) for s in m["shards"]])  # numpy alone
+        assert stored.dtype.kind == kind and stored.tolist() == expected
+        assert Corpus.open(str(tmp_path / folder)).ids_of(np.array([[89, 0], [33, 32]])).tolist() == [
+            [expected[89], expected[0]], [expected[33], expected[32]]]
+
+    queries = tmp_path / "q.tsv"
+    queries.write_text("name\ttext\n" + "".join(f"q{i}\t{t}\n" for i, t in zip((5, 40, 77), (texts[5], texts[40], texts[77]))))
+    run = run_cli("search.py", "--corpus", tmp_path / "strs", "--queries", queries, "--id-column", "name", "--top-k", 2)
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert [(h["query_id"], h["hits"][0]["corpus_id"], h["hits"][0]["id"]) for h in lines] == [
+        ("q5", 5, "doc-5"), ("q40", 40, "doc-40"), ("q77", 77, "doc-77")]
+
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text('{"qid": 1, "text": "a"}\n{"qid": "2", "text": "b"}\n')
+    with pytest.raises(minilm_jax.UserError, match=r"row 2 of .*mixed.jsonl: the id '2' is a string, the ids before it integers"):
+        TextSource.of([str(mixed)], id_column="qid").scan()
+    flag = tmp_path / "flag.jsonl"
+    flag.write_text('{"qid": true, "text": "a"}\n')
+    with pytest.raises(minilm_jax.UserError, match=r"flag.jsonl line 1: the id in column 'qid' is bool"):
+        TextSource.of([str(flag)], id_column="qid").scan()
+    with pytest.raises(minilm_jax.UserError, match=r"b.tsv has no column 'qid' \(found 'key', 'text'\); name the column with --id-column"):
+        TextSource.of([str(tmp_path / "b.tsv")], id_column="qid").scan()
+    with pytest.raises(minilm_jax.UserError, match=r"a.txt is a text file, one text a line, without columns"):
+        TextSource.of([str(tmp_path / "a.txt")], id_column="qid")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "ints").iterdir()}
+    with pytest.raises(minilm_jax.UserError, match="embedded with --id-column qid; give the same --id-column"):
+        embed_corpus(TextSource.of([str(tmp_path / "a.jsonl")]), str(tmp_path / "ints"), jax_model, **kw)
+    ids_file = tmp_path / "ints" / "shard-00001.ids.npy"
+    ids_file.write_bytes(kept["shard-00001.ids.npy"][:-8] + np.int64(5).tobytes())
+    with pytest.raises(minilm_jax.UserError, match="shard-00001.ids.npy is corrupt"):
+        Corpus.open(str(tmp_path / "ints"))
+    ids_file.write_bytes(kept["shard-00001.ids.npy"])
+    assert {p.name: p.read_bytes() for p in (tmp_path / "ints").iterdir()} == kept
+
+
+def test_encode_blocks_equals_encode_block_by_block(real, jax_model, monkeypatch):
+    """encode_blocks (pipelined over a stream) gives each block exactly what encode(block) gives, an empty
+    block included, one call over more than encode's chunk too."""
+    import importlib
+
+    import minilm_jax
+    from minilm_jax.encode import encode_blocks
+
+    texts = real["texts"]
+    blocks = [texts[:50], texts[50:51], [], texts[51:300], texts[300:]]
+    got = list(encode_blocks(iter(blocks), jax_model))
+    assert [len(b) for b in got] == [len(b) for b in blocks]
+    for block, emb in zip(blocks, got):
+        assert emb.tobytes() == minilm_jax.encode(block, jax_model).reshape(-1, 384).tobytes()
+    # More sentences than a chunk: two tokeniser passes, 64 sentences at a time, and the same calls.
+    monkeypatch.setattr(importlib.import_module("minilm_jax.encode"), "_CHUNK", 64)
+    assert minilm_jax.encode(texts[51:300], jax_model).tobytes() == got[3].tobytes()
 
 
 def test_retrieval_metrics_at_each_precision(jax_model, data_dir):
