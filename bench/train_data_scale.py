@@ -6,11 +6,17 @@ peak memory of `train.py --max-steps 20` on Quora-like files of 32,944 to 36 mil
     .venv/bin/python bench/train_data_scale.py --sizes 32944 363858 --json /tmp/scale.json
     .venv/bin/python bench/train_data_scale.py --sizes 36385800 --skip-theirs --keep-files
 
-The files (WORK/quora_distinct_N.tsv, made once and reused while they hold N rows; the ones this run made are
+The files (WORK/quora_pairs_N.tsv, made once and reused while they hold N rows; the ones this run made are
 deleted at the end unless --keep-files): header sentence1<TAB>sentence2<TAB>score, then quora_train.tsv's
-32,944 pairs as they are, then copies of them, each copy k >= 1 in its own order (a permutation seeded by k)
-with " (k+1)" appended to both sentences, so every pair is distinct and keeps its 0/1 label; a file is a
-prefix of every larger one. --check-distinct hashes every pair (8 bytes each) to prove it.
+32,944 pairs as they are, then copies k = 1, 2, ... of its sentences paired anew: each copy takes sentence1 of
+row a in its own order (a permutation seeded by k) with sentence2 of row a + k (mod 32,944) and row a's label.
+A pair whose two texts already came (Quora repeats some questions) is left out, so every pair is distinct; a
+file is a prefix of every larger one; --check-distinct hashes every pair (8 bytes each) to prove it. Every
+sentence is a Quora sentence as written, so the sentence lengths, which decide which step programs a run
+needs first, are the same at every size, and the sizes differ in size alone. (Until 2026-12-06 the copies
+had " (k+1)" appended to both sentences instead: 3-4 more tokens a sentence, so the larger files' first
+batches needed the general program that quora_train.tsv's first 20 steps never do; their labels are
+meaningless now, and only the timing is measured.)
 
 For each size, one process after the other (never two at a time), each a fresh process:
   ours, empty cache:   `train.py --train-file F --max-steps 20 --log-every 1 --no-progress --checkpoint-every 1000`
@@ -94,25 +100,43 @@ def read_source(path: Path) -> tuple[list[str], list[str], list[str]]:
     return [r[0] for r in rows], [r[1] for r in rows], [r[2] for r in rows]
 
 
-def make_file(source: Path, n: int, path: Path) -> float:
-    """The first n pairs of the sequence the docstring describes, written copy by copy (one copy, ~4 MB, in memory
-    at a time) to a temporary name, then renamed. Returns the seconds it took."""
+def pair_order(s1: list[str], s2: list[str], n: int):
+    """(a, b) of the first n pairs (s1[a], s2[b]) of the sequence the docstring describes, as int arrays: copy 0
+    is a = b = i; copy k >= 1 takes a in its own order (a permutation seeded by k) and b = a + k (mod N). A pair
+    whose two texts are those of an earlier pair (the same question written in several rows) is left out, so
+    every pair is distinct. Sentence lengths stay Quora's at every size."""
     import numpy as np
 
+    n_source = len(s1)
+    text_ids1 = {t: i for i, t in reversed(list(enumerate(s1)))}  # one id per distinct text: its first row
+    text_ids2 = {t: i for i, t in reversed(list(enumerate(s2)))}
+    first1 = np.array([text_ids1[t] for t in s1], np.int64)
+    first2 = np.array([text_ids2[t] for t in s2], np.int64)
+    copies = -(-n // n_source) + 1  # one more than needed: the left-out pairs are made up from the next copy
+    if copies > n_source:
+        sys.exit(f"error: {n} pairs need more than {n_source} copies of the source")
+    a = np.concatenate([np.arange(n_source)] + [np.random.default_rng([0, k]).permutation(n_source)
+                                                for k in range(1, copies)])
+    b = (a + np.repeat(np.arange(copies), n_source)) % n_source
+    _, first = np.unique(first1[a] * n_source + first2[b], return_index=True)
+    keep = np.sort(first)[:n]
+    if len(keep) < n:
+        sys.exit(f"error: only {len(keep)} distinct pairs in {copies} copies")
+    return a[keep], b[keep]
+
+
+def make_file(source: Path, n: int, path: Path) -> float:
+    """The first n pairs of the sequence the docstring describes (pair_order), written 1 million rows at a time to
+    a temporary name, then renamed. Returns the seconds it took."""
     start = time.perf_counter()
     s1, s2, labels = read_source(source)
-    n_source = len(s1)
+    a_all, b_all = pair_order(s1, s2, n)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="", buffering=1 << 24) as f:
         f.write(HEADER)
-        for k in range(-(-n // n_source)):
-            take = min(n_source, n - k * n_source)
-            if k == 0:
-                f.write("".join(f"{s1[i]}\t{s2[i]}\t{labels[i]}\n" for i in range(take)))
-                continue
-            order = np.random.default_rng([0, k]).permutation(n_source)[:take].tolist()
-            suffix = f" ({k + 1})"
-            f.write("".join(f"{s1[i]}{suffix}\t{s2[i]}{suffix}\t{labels[i]}\n" for i in order))
+        for at in range(0, n, 1 << 20):
+            a, b = a_all[at:at + (1 << 20)].tolist(), b_all[at:at + (1 << 20)].tolist()
+            f.write("".join(f"{s1[i]}\t{s2[j]}\t{labels[i]}\n" for i, j in zip(a, b)))
     os.replace(tmp, path)
     return time.perf_counter() - start
 
@@ -319,7 +343,7 @@ def main(argv=None) -> int:
     made = []
     try:
         for n in sorted(set(args.sizes)):
-            train_file = work / f"quora_distinct_{n}.tsv"
+            train_file = work / f"quora_pairs_{n}.tsv"
             make_s = ensure_file(source, n, train_file, say)
             if make_s is not None:
                 made.append(train_file)
