@@ -151,7 +151,7 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
         mine_rows = sum(b - a for a, b in map(plan.shard_range, mine))
         bar = tqdm(total=mine_rows, initial=mine_rows - todo_rows, unit="texts", desc="Embedding", smoothing=0.1)
 
-    block_ids = collections.deque()  # each block's ids, from its reading to its shard's writing
+    block_ids = collections.deque()  # with an id column, each block's ids, from its reading to its shard's writing
 
     def todo_blocks():  # the texts of the shards to embed, in blocks that never straddle two shards
         rows, at = source.rows(), 0
@@ -160,7 +160,8 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
             collections.deque(itertools.islice(rows, start - at), maxlen=0)  # skip the rows of other shards
             for block in store.blocks(rows, start, stop, block_rows):
                 texts, ids = zip(*block)
-                block_ids.append(ids)
+                if plan.id_column is not None:
+                    block_ids.append(ids)
                 yield texts
             at = stop
 
@@ -174,7 +175,8 @@ def embed_corpus(source: store.TextSource, output_dir: str, model, precision: st
             while done < stop - start:
                 block = next(embedded)
                 buffer[done:done + len(block)] = quantize(block, precision, ranges)
-                ids.extend(block_ids.popleft())
+                if block_ids:
+                    ids.extend(block_ids.popleft())
                 done += len(block)
                 if bar is not None:
                     bar.update(len(block))

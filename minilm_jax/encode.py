@@ -305,6 +305,16 @@ def _assemble(outputs: tuple, index: jax.Array) -> jax.Array:
 
 # ----------------------------------------------------------------------------- encode
 
+def _setup(model, batch_size, dtype: str, devices, normalize) -> tuple[Model, _CallPlan, Head]:
+    """encode's and encode_blocks' arguments checked: (the model, loaded; its call plan; its head)."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if not isinstance(model, Model):
+        model = load(model)
+    compute_dtype(dtype)
+    return model, _CallPlan.of(model, batch_size, devices), model_head(model, normalize)
+
+
 def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | None = None, batch_size: int = 32,
            normalize: bool | None = None, show_progress_bar: bool = False, dtype: str = "float32", devices=None,
            convert_to_tensor: bool = False, truncate_dim: int | None = None, prompt_name: str | None = None,
@@ -330,15 +340,9 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     """
     single = isinstance(sentences, str)
     items = check_sentences([sentences] if single else sentences)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(model, Model):
-        model = load(model)
-    compute_dtype(dtype)
+    model, plan, head = _setup(model, batch_size, dtype, devices, normalize)
     items, skip = _prompted(model, items, prompt_name, prompt)
-    plan = _CallPlan.of(model, batch_size, devices)
     placement, per_call = plan.placement, plan.per_call
-    head = model_head(model, normalize)
     hidden = head.dimension(model.config.hidden_size)
     if truncate_dim is not None and (isinstance(truncate_dim, bool) or not isinstance(truncate_dim, int)
                                      or not 1 <= truncate_dim <= hidden):
@@ -384,13 +388,17 @@ def encode(sentences: str | Sequence[str], model: Model | str | os.PathLike | No
     return out[0] if single else out
 
 
-def _prompted(model: Model, items: list, prompt_name: str | None, prompt: str | None) -> tuple[list, int]:
-    """(the texts with the prompt before each, the leading tokens pooling skips: 0 unless the model's
-    Pooling leaves the prompt out, include_prompt False)."""
+def _prompt_and_skip(model: Model, prompt_name: str | None, prompt: str | None) -> tuple[str, int]:
+    """(the prompt put before every text, the leading tokens pooling skips: 0 unless the model's Pooling
+    leaves the prompt out, include_prompt False)."""
     text = resolve_prompt(model, prompt_name, prompt)
-    if not text:
-        return items, 0
-    return [text + s for s in items], 0 if model.sentence.include_prompt else prompt_length(model, text)
+    return text, 0 if not text or model.sentence.include_prompt else prompt_length(model, text)
+
+
+def _prompted(model: Model, items: list, prompt_name: str | None, prompt: str | None) -> tuple[list, int]:
+    """(the texts with the prompt before each, the leading tokens pooling skips)."""
+    text, skip = _prompt_and_skip(model, prompt_name, prompt)
+    return ([text + s for s in items] if text else items), skip
 
 
 def _without_prompt(mask: np.ndarray, skip: int) -> np.ndarray:
@@ -437,20 +445,14 @@ def encode_blocks(blocks: Iterable[Sequence[str]], model: Model | str | os.PathL
     while this block's calls run, and the devices get the next block's calls before this block's
     last ones have finished. Memory: about two blocks' token ids and outputs. Prompts: the model's
     default prompt, as encode's defaults."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise UserError(f"batch_size must be a positive integer, got {batch_size!r}")
-    if not isinstance(model, Model):
-        model = load(model)
-    compute_dtype(dtype)
-    plan = _CallPlan.of(model, batch_size, devices)
-    head = model_head(model, normalize)
+    model, plan, head = _setup(model, batch_size, dtype, devices, normalize)
     hidden = head.dimension(model.config.hidden_size)
-    skip = _prompted(model, ["x"], None, None)[1]
+    prompt, skip = _prompt_and_skip(model, None, None)
     embed = _embed_fn(model.config, head, dtype, pool_mask=bool(skip))
     params = _placed_params(model.params, plan.placement)
 
     def prepare(block):
-        items = _prompted(model, check_sentences(list(block)), None, None)[0]
+        items = [prompt + s for s in check_sentences(list(block))]
         return len(items), list(_device_calls(model, items, plan, skip))
 
     blocks = iter(blocks)
@@ -467,6 +469,10 @@ def encode_blocks(blocks: Iterable[Sequence[str]], model: Model | str | os.PathL
             block[0][idx] = future.result()[: len(idx)]
             block[1] -= 1
 
+        def finished():  # the leading blocks whose calls have all settled (an empty block has none)
+            while outputs and outputs[0][1] == 0:
+                yield outputs.popleft()[0]
+
         upcoming = upcoming_block()
         while upcoming is not None:
             rows, calls = upcoming.result()
@@ -477,14 +483,11 @@ def encode_blocks(blocks: Iterable[Sequence[str]], model: Model | str | os.PathL
                 pending.append((block, idx, pool.submit(_embed_to_host, embed, params, arrays, plan.placement)))
                 if len(pending) > _IN_FLIGHT:
                     settle_oldest()
-                while outputs and outputs[0][1] == 0:
-                    yield outputs.popleft()[0]
-            while outputs and outputs[0][1] == 0:  # a block without calls (empty)
-                yield outputs.popleft()[0]
+                    yield from finished()
+            yield from finished()
         while pending:
             settle_oldest()
-            while outputs and outputs[0][1] == 0:
-                yield outputs.popleft()[0]
+            yield from finished()
 
 
 def warm_up(calls: Sequence[Sequence[str]], model: Model, batch_size: int = 32, normalize: bool | None = None,
