@@ -114,6 +114,11 @@ class AheadOfTime:
     def get(self, name: str):
         return self._futures[name].result()
 
+    def forget(self, name: str) -> None:
+        """Let go of the compiled program `name`, if it is done (one still compiling is left to finish)."""
+        if name in self._futures and self._futures[name].done():
+            del self._futures[name]
+
     def report(self) -> dict:
         """compile_seconds (every program's lowering and compiling or loading, whether the run waited
         for it or not), compiled_programs (how many were compiled, not loaded from the cache) and

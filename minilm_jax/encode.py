@@ -181,12 +181,15 @@ def _load_cached(path: str) -> Model:
     return model.replace(params=jax.device_put(model.params))
 
 
-def load(path: str | os.PathLike | None = None) -> Model:
+def load(path: str | os.PathLike | None = None, *, cache: bool = True) -> Model:
     """Load a sentence-transformers or minilm-jax model folder (None: all-MiniLM-L6-v2).
 
     Loaded models are cached by absolute path; the weights live on the default device.
+    cache=False: a model of the caller's own, not kept, its weights numpy arrays on the host (a
+    training run hands them to its train state and keeps no second copy).
     """
-    return _load_cached(os.path.abspath(resolve_model_path(path)))
+    path = os.path.abspath(resolve_model_path(path))
+    return _load_cached(path) if cache else checkpoint_io.load_model(path)
 
 
 def resolve_devices(devices=None) -> tuple:

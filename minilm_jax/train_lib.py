@@ -151,7 +151,7 @@ def prepare_model(cfg: TrainConfig):
     from minilm_jax.tokenizer import Tokenizer
     import tokenizers
 
-    model = load(cfg.model)
+    model = load(cfg.model, cache=False)
     if cfg.max_seq_length:
         if cfg.max_seq_length > model.config.max_position_embeddings:
             raise UsageError(f"--max-seq-length {cfg.max_seq_length} exceeds the model's "
@@ -184,14 +184,19 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
     if out.is_dir():
         check_run_config(out, cfg, write=False)
     model = prepare_model(cfg)
+    # The weights go to the train state (_run takes them out of `weights`), which copies them to the
+    # devices: the model keeps none, so that no second copy of them (90 MB for all-MiniLM-L6-v2)
+    # stays beside the state for the whole run.
+    weights = [model.params]
+    model = model.replace(params=None)
     # The programs' shapes follow from the options and the model alone: compile them while the data
-    # is opened. Two threads: the general program (which some steps of most runs need, see
-    # data.TOKENS_PER_SENTENCE) compiles beside the fast one rather than after it.
+    # is opened. Two threads: the usual programs of several dataset groups, and the evaluation's,
+    # compile side by side.
     compiler, stopped = AheadOfTime(threads=2), False
     try:
         first_device = jax.process_index() * n_local
         run_data = open_run_data(cfg, model, n_global, range(first_device, first_device + n_local))
-        example_state = jax.eval_shape(lambda: init_state(model.params, make_optimizer(cfg)))
+        example_state = jax.eval_shape(lambda: init_state(weights[0], make_optimizer(cfg)))
         programs = [TrainPrograms(step_spec(cfg, model, n_global, loss, columns, prompts), cfg.steps_per_dispatch,
                                   compiler, example_state, name=f"{group}" if group else "")
                     for group, (loss, columns, prompts) in enumerate(zip(run_data.group_losses, run_data.group_columns,
@@ -205,7 +210,7 @@ def train_and_evaluate(cfg: TrainConfig, progress: bool = True, signals: StopSig
         out.mkdir(parents=True, exist_ok=True)
         lock = _lock_output(out)
         try:
-            return _run(cfg, out, progress, model, run_data, pipeline, programs, evaluators, signals)
+            return _run(cfg, out, progress, model, weights, run_data, pipeline, programs, evaluators, signals)
         finally:
             if lock is not None:
                 lock.release()
@@ -291,6 +296,11 @@ class TrainPrograms:
         self.prepare(program)
         return self.compiler.get(self.key(program))
 
+    def release(self) -> None:
+        """Let go of the compiled programs (the run's steps are over)."""
+        for program in self.spec.shapes.programs:
+            self.compiler.forget(self.key(program))
+
 
 def with_learning_rates(dispatch: data_lib.Dispatch, rates: np.ndarray, steps_per_dispatch: int) -> dict:
     """The dispatch's arrays and its steps' learning rates ([local devices, steps]; 0 for padding)."""
@@ -336,8 +346,10 @@ def input_pipeline(cfg: TrainConfig, model, run_data: RunData, programs: list[Tr
                          agree=FitAgreement() if jax.process_count() > 1 else None)
 
 
-def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, pipeline: InputPipeline,
-         programs: list[TrainPrograms], evaluators: list, signals: StopSignals) -> dict:
+def _run(cfg: TrainConfig, out: Path, progress: bool, model, weights: list, run_data: RunData,
+         pipeline: InputPipeline, programs: list[TrainPrograms], evaluators: list, signals: StopSignals) -> dict:
+    """The loop. `model` has no weights: they come in `weights` (a list of one), taken out of it here,
+    so that once the train state holds them on the devices nothing else keeps them."""
     is_main = jax.process_index() == 0
     n_global, n_local = jax.device_count(), jax.local_device_count()
     if is_main:
@@ -350,9 +362,10 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     rates = learning_rates(cfg, total_steps)
     tx = make_optimizer(cfg)
 
+    params = weights.pop()
     checkpoints = Checkpoints(out / "checkpoints", cfg.keep_checkpoints)
     if checkpoints.latest_step() is not None:
-        state, input_state = checkpoints.restore(init_state(model.params, tx))
+        state, input_state = checkpoints.restore(init_state(params, tx))
         state = jax.device_get(state)
         if input_state.get("shards") != run_data.n_shards:
             raise UserError(f"the checkpoint of step {int(state.step)} read the data as {input_state.get('shards')} "
@@ -361,7 +374,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                             "or start again in a new --output-dir")
         pipeline.restore(input_state["streams"])
     else:
-        state = init_host_state(model.params, tx)
+        state = init_host_state(params, tx)
     start_step = int(state.step)
     metrics_path = out / "metrics.jsonl"
     records = read_metrics(metrics_path, start_step)
@@ -372,11 +385,13 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
         from minilm_jax.encode import warm_up
 
         calls = [texts for ev in evaluators for texts in ev.encode_calls()]
-        compiler.run("evaluation", lambda: warm_up(calls, model, cfg.eval_batch_size, dtype=cfg.dtype))
+        # The warm-up runs on the compile thread with the weights, and lets go of them when it has run.
+        compiler.run("evaluation", lambda m=model.replace(params=params): warm_up(calls, m, cfg.eval_batch_size,
+                                                                                  dtype=cfg.dtype))
     rng = jax.random.PRNGKey(cfg.seed)
     tx_inputs = tx.as_inputs()
     p_state = to_devices(state, n_global)
-    del state
+    del state, params
 
     def evaluate(params) -> list:
         """[(evaluator, its metrics)], sentence-transformers' keys."""
@@ -394,6 +409,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
     done = saved = start_step  # steps dispatched; the step of the latest checkpoint (or the run's start)
     input_after = None  # the streams' state after the latest dispatch
     general_steps = 0  # steps run in the general shape
+    last_program = None  # (group, program) of the latest dispatch
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
@@ -425,7 +441,20 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 break
             first, n = dispatch.first, dispatch.n
             step_programs = programs[group]
+            if (group, dispatch.program) != last_program:
+                # Each program's temporaries stay mapped for its next step (host_memory.py), in a block of
+                # their own: free the other program's before this one runs, so that the process holds the
+                # larger of the two, not both (the general step's 369 MB beside the fast step's 172 MB,
+                # which set the peak; a switch costs about 30 ms of page faults, and 10% of the recipe's
+                # steps are general).
+                if last_program is not None:
+                    release_freed_memory()
+                last_program = (group, dispatch.program)
             if not step_programs.ready(dispatch.program):
+                # A program is compiled or loaded only when a step needs it (the general program: after
+                # the first steps of most runs), and the steps wait for it: loading a program allocates
+                # 2-4 times what it keeps (the general program: 544 MB, of which it keeps 257), and
+                # beside the running steps' memory that was the run's peak.
                 log.pause()  # waiting for a compile is not training time
                 step_programs.prepare(dispatch.program)
                 if stop.while_waiting(lambda: step_programs.ready(dispatch.program)):
@@ -437,12 +466,6 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 step_fn = step_programs.get(dispatch.program)
             if first == start_step:
                 checkpoints.import_soon()  # while the first dispatch runs, not at the first checkpoint
-            if first > start_step:
-                # The general programs the batch thread has seen a step for (it runs ahead of the loop):
-                # compiled from the second dispatch on, so that the first has the cores to itself. A run
-                # none of whose steps needs one compiles none.
-                for g in pipeline.general_groups():
-                    programs[g].prepare("general")
             p_state, metrics = step_fn(p_state, with_learning_rates(dispatch, rates, cfg.steps_per_dispatch), rng,
                                        tx_inputs)
             if pending is not None:
@@ -463,9 +486,13 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, run_data: RunData, 
                 pending = None
                 log.pause()
                 if end == total_steps:
-                    # The steps' temporaries, kept for the next step (host_memory.py), are not needed
-                    # again; the final checkpoint and the export allocate on other threads, which
-                    # could not reuse them.
+                    # The train programs (a loaded program holds 120-260 MB) and the steps' temporaries,
+                    # kept for the next step (host_memory.py), are not needed again; the final checkpoint
+                    # and the export allocate on other threads, which could not reuse them. (The last
+                    # dispatch has ended: its metrics were fetched above.)
+                    step_fn = None
+                    for p in programs:
+                        p.release()
                     release_freed_memory()
                 if crosses(first, n, cfg.eval_every) or epoch_end:
                     last_eval = {end: evaluate(from_devices(p_state.params, n_global))}

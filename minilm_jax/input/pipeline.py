@@ -92,7 +92,6 @@ class InputPipeline:
         self.shards = range(first, first + layout.local_devices * self.per_device)  # this host's
         self.streams = [[self._stream(ds, s, seed, window_rows, no_duplicates[ds.index]) for s in self.shards]
                         for ds in datasets]
-        self._general: set[int] = set()  # groups a built dispatch needs the general program of
         self.data_wait_seconds = 0.0
 
     def _stream(self, ds: DatasetInput, shard: int, seed: int, window_rows: int, no_duplicates: bool):
@@ -108,11 +107,6 @@ class InputPipeline:
         for streams in self.streams:
             for stream in streams:
                 stream.check(rows)
-
-    def general_groups(self) -> list[int]:
-        """The groups whose general program some dispatch built so far needs (read by the loop while
-        the batch thread adds to it)."""
-        return sorted(list(self._general))  # list() copies under the GIL: the batch thread may add
 
     def rows_read(self) -> int:
         """Rows this host has read into its streams' windows (a window re-read after a resume again)."""
@@ -215,8 +209,6 @@ class InputPipeline:
             dispatch = data_lib.assemble_dispatch(
                 steps.start, kinds, [[(pairs[d], sentences[d], packings[d]) for pairs, sentences, packings in per_step]
                                      for d in range(self.layout.local_devices)], shapes, self.steps_per_dispatch)
-            if dispatch.program == "general":
-                self._general.add(group)
             yield dispatch, group, state
 
 

@@ -20,6 +20,7 @@ stream can start reading again exactly where a checkpoint says.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import glob
 import gzip
@@ -27,6 +28,7 @@ import io
 import json
 import math
 import os
+import threading
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -218,6 +220,32 @@ def _line_cuts(path: str, size: int, n_shards: int) -> tuple[list[int], list[int
 
 # ----------------------------------------------------------------------------- reading rows
 
+class _OpenFiles:
+    """Files held open for reading lines again by position (Reader.line): the most recently used
+    few, shared by every stream of the process, so that many files and many streams do not run the
+    process out of file descriptors."""
+
+    def __init__(self, most: int = 64):
+        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._lock, self._most = threading.Lock(), most
+
+    def pread(self, path: str, length: int, offset: int) -> bytes:
+        with self._lock:
+            fd = self._fds.pop(path, None)
+            if fd is None:
+                try:
+                    fd = os.open(path, os.O_RDONLY)
+                except OSError as e:
+                    raise UserError(f"{path} cannot be read ({e.strerror}); check the file") from None
+                while len(self._fds) >= self._most:
+                    os.close(self._fds.popitem(last=False)[1])
+            self._fds[path] = fd
+            return os.pread(fd, length, offset)
+
+
+_OPEN_FILES = _OpenFiles()
+
+
 class Reader:
     """Reads the records of pieces of one dataset's files, and parses them into rows."""
 
@@ -238,6 +266,20 @@ class Reader:
             yield from self._lines(piece, offset)
         else:
             yield from self._whole_file(fmt, offset)
+
+    def keeps_lines(self, path: str) -> bool:
+        """Whether `path`'s records are lines that line() can read again by position (.tsv, .jsonl),
+        so that a stream's window need not keep their bytes."""
+        fmt = self.layouts[path].fmt
+        return fmt.splittable and fmt.kind != "parquet"
+
+    def line(self, path: str, where: int, length: int) -> bytes:
+        """The record `read` gave at `where`, `length` bytes, read again from the file."""
+        data = _OPEN_FILES.pread(path, length, where)
+        if len(data) != length:
+            raise UserError(f"{path} ended at byte {where + len(data)}, before a line the run had read there: the "
+                            "file changed; restore it, or start again in a new --output-dir")
+        return data
 
     def _lines(self, piece: Piece, offset: int):
         path = piece.path
@@ -467,6 +509,9 @@ class MemoryReader:
         lo = max(offset, piece.start)
         if lo < piece.end:
             yield self.rows[lo:piece.end], list(range(lo, piece.end)), piece.end
+
+    def keeps_lines(self, path: str) -> bool:
+        return False
 
     def parse(self, path: str, raw, where: int) -> tuple:
         return raw

@@ -16,15 +16,66 @@ each window shuffled; endless, epoch after epoch, and resumable from a small sta
 - `state()` after a take is all a resumed stream needs: the epoch, the window's index and where it
   starts (a piece and an offset in it), how far the walk has gone, and the deferred and carried
   rows. `restore(state)` re-reads that one window.
-- Memory: one window of raw records (lines' bytes, about 60-150 bytes a Quora row), never more.
+- Memory: one window of records (WindowRecords): 24 bytes a .tsv/.jsonl line with its place in the
+  permutation, the values themselves of a CSV, .gz or parquet row; never more than a window.
 """
 
 from __future__ import annotations
+
+import itertools
+from array import array
 
 import numpy as np
 
 from minilm_jax.errors import UserError
 from minilm_jax.input.sources import Piece, Reader
+
+
+class WindowRecords:
+    """A window's records in the order read. A line of a .tsv or .jsonl file is kept as where it is
+    (its file, byte offset and length: 16 bytes) and read again, with one pread, when a batch takes
+    it; any other record (the values of a CSV, .gz or parquet row) as read. Keeping the lines' bytes
+    as Python objects took about 210 bytes a Quora row: 80 MB for a 363,858-pair file, 110 MB for a
+    full window of 524,288 rows, the data-size-dependent part of a run's memory."""
+
+    def __init__(self, reader: Reader):
+        self.reader = reader
+        self.paths: list[str] = []
+        self._index: dict[str, int] = {}
+        self._file, self._where, self._length = array("i"), array("q"), array("i")  # length -1: a value record
+        self._values: list | None = None  # per record: its values, or None for a line (made at the first value)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def add(self, path: str, raws: list, wheres: list) -> None:
+        n = len(raws)
+        if path not in self._index:
+            self._index[path] = len(self.paths)
+            self.paths.append(path)
+        self._file.extend(itertools.repeat(self._index[path], n))
+        self._where.extend(wheres)
+        if self.reader.keeps_lines(path):
+            self._length.extend(map(len, raws))
+            if self._values is not None:
+                self._values.extend(itertools.repeat(None, n))
+        else:
+            self._length.extend(itertools.repeat(-1, n))
+            if self._values is None:
+                self._values = [None] * (len(self._where) - n)
+            self._values.extend(raws)
+
+    def path(self, i: int) -> str:
+        return self.paths[self._file[i]]
+
+    def where(self, i: int) -> int:
+        return self._where[i]
+
+    def raw(self, i: int):
+        length = self._length[i]
+        if length < 0:
+            return self._values[i]
+        return self.reader.line(self.path(i), self._where[i], length)
 
 
 class ShardStream:
@@ -37,6 +88,8 @@ class ShardStream:
         self.positives_only, self.add_swapped = positives_only, add_swapped
         self.name, self.n_columns = name, n_columns
         self.rows_read = 0  # records read into windows (a window re-read after a restore included)
+        self.records: WindowRecords | None = None
+        self._check_rows = 0  # check(): how many of the first window's records to parse as they are read
         self.epoch = -1  # nothing read yet: the first take (or a restore) reads the first window
 
     # ------------------------------------------------------------------ windows
@@ -66,26 +119,26 @@ class ShardStream:
         """Read the window starting at `start` (position in the epoch's piece order, offset in that
         piece) and draw its permutation."""
         self.window, self.start = window, start
-        paths, raws, wheres = [], [], []
+        self.records = None  # the window before: let go of before this one is read
+        records = WindowRecords(self.reader)
         pos, offset = start
-        while pos < len(self.order) and len(raws) < self.window_rows:
+        while pos < len(self.order) and len(records) < self.window_rows:
             piece = self.pieces[self.order[pos]]
-            need = self.window_rows - len(raws)
+            need = self.window_rows - len(records)
             offset = max(offset, piece.start)
             for block_raws, block_wheres, after in self.reader.read(piece, offset):
                 if self.positives_only:
                     keep = positives(self.reader, piece, block_raws, block_wheres)
                     block_raws = [block_raws[i] for i in keep]
                     block_wheres = [block_wheres[i] for i in keep]
+                if self._check_rows > len(records):  # check(): parsed while the bytes are at hand
+                    for raw, where in zip(block_raws[:self._check_rows - len(records)], block_wheres):
+                        self.reader.parse(piece.path, raw, where)
                 if len(block_raws) >= need:
-                    raws += block_raws[:need]
-                    wheres += block_wheres[:need]
-                    paths += [piece.path] * need
+                    records.add(piece.path, block_raws[:need], block_wheres[:need])
                     offset = block_wheres[need] if len(block_raws) > need else after
                     break
-                raws += block_raws
-                wheres += block_wheres
-                paths += [piece.path] * len(block_raws)
+                records.add(piece.path, block_raws, block_wheres)
                 need -= len(block_raws)
                 offset = after
             else:
@@ -94,11 +147,11 @@ class ShardStream:
             if self._at_piece_end(piece, offset):
                 pos, offset = pos + 1, 0
             break
-        self.rows_read += len(raws)
+        self.rows_read += len(records)
         self.next_start = (pos, offset)
         self.last_window = pos >= len(self.order)
-        self.paths, self.raws, self.wheres = paths, raws, wheres
-        n = len(raws) * (2 if self.add_swapped else 1)
+        self.records = records
+        n = len(records) * (2 if self.add_swapped else 1)
         self.size = n
         key = (self.epoch,) if (self.dataset, self.device, window) == (0, 0, 0) else (
             self.epoch, self.dataset, self.device, window)
@@ -115,10 +168,11 @@ class ShardStream:
     def _row(self, position: int) -> tuple:
         """The parsed row at a position of the window's permuted order."""
         i = int(self.perm[position])
-        swapped = i >= len(self.raws)
+        records = self.records
+        swapped = i >= len(records)
         if swapped:
-            i -= len(self.raws)
-        row = self.reader.parse(self.paths[i], self.raws[i], self.wheres[i])
+            i -= len(records)
+        row = self.reader.parse(records.path(i), records.raw(i), records.where(i))
         if swapped:
             row = (row[1], row[0], *row[2:])
         return row
@@ -197,9 +251,15 @@ class ShardStream:
         """Read the first window and parse its first `rows` records, so that a bad row there is
         reported before a run starts (the window stays loaded for the first take)."""
         if self.epoch < 0:
-            self._start_epoch(0)
-        for i in range(min(rows, len(self.raws))):
-            self.reader.parse(self.paths[i], self.raws[i], self.wheres[i])
+            self._check_rows = rows
+            try:
+                self._start_epoch(0)
+            finally:
+                self._check_rows = 0
+            return
+        records = self.records
+        for i in range(min(rows, len(records))):
+            self.reader.parse(records.path(i), records.raw(i), records.where(i))
 
     # ------------------------------------------------------------------ resuming
 
