@@ -62,7 +62,9 @@ def release_freed_memory() -> None:
     """Give the memory the process has freed back to the system (glibc's malloc_trim), once a burst
     of it is over: loading or compiling a program frees 1.1-2.5 times what the program keeps (the
     fast train program: 137 of 259 MB; the general one: 392 of 521 MB), which the settings above
-    would otherwise hold for the rest of the run. Nothing elsewhere."""
+    would otherwise hold for the rest of the run. Also where a run switches between its fast and
+    general programs (train_lib._run), whose temporaries are two blocks that would otherwise both
+    stay mapped."""
     malloc_trim = _glibc_function("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)

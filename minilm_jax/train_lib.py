@@ -409,7 +409,7 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, weights: list, run_
     done = saved = start_step  # steps dispatched; the step of the latest checkpoint (or the run's start)
     input_after = None  # the streams' state after the latest dispatch
     general_steps = 0  # steps run in the general shape
-    last_program = None  # (group, program) of the latest dispatch
+    last_program = None  # the program ("fast", "general") of the latest dispatch
     last_eval: dict = {}  # {step: [(evaluator, metrics)]} of the latest evaluation, reused as the final one
 
     def settle(item):
@@ -441,15 +441,15 @@ def _run(cfg: TrainConfig, out: Path, progress: bool, model, weights: list, run_
                 break
             first, n = dispatch.first, dispatch.n
             step_programs = programs[group]
-            if (group, dispatch.program) != last_program:
+            if last_program not in (None, dispatch.program):
                 # Each program's temporaries stay mapped for its next step (host_memory.py), in a block of
-                # their own: free the other program's before this one runs, so that the process holds the
-                # larger of the two, not both (the general step's 369 MB beside the fast step's 172 MB,
-                # which set the peak; a switch costs about 30 ms of page faults, and 10% of the recipe's
-                # steps are general).
-                if last_program is not None:
-                    release_freed_memory()
-                last_program = (group, dispatch.program)
+                # their own: between a fast and a general step, free the other's before this one runs, so
+                # that the process holds the larger of the two, not both (the general step's 369 MB beside
+                # the fast step's 172 MB set the peak). A switch costs about 30 ms of page faults, and 10%
+                # of the recipe's steps are general. Several datasets' fast programs, which may alternate
+                # every step, keep their blocks.
+                release_freed_memory()
+            last_program = dispatch.program
             if not step_programs.ready(dispatch.program):
                 # A program is compiled or loaded only when a step needs it (the general program: after
                 # the first steps of most runs), and the steps wait for it: loading a program allocates

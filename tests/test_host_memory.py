@@ -5,6 +5,8 @@ execution to the next, and the settings change nothing that is computed.
   every run with glibc's and JAX's defaults, and (in the median run) not after keep_step_memory().
 - train.py with the settings and with MINILM_JAX_SYSTEM_MALLOC=1 (glibc's and JAX's defaults)
   trains to the same bytes: the same exported weights and the same logged losses.
+- A run holds one copy of the weights (the train state's) and gives memory back when it switches
+  between its two programs, whose temporaries would otherwise both stay mapped.
 """
 
 from __future__ import annotations
@@ -84,3 +86,51 @@ def test_train_py_trains_the_same_bytes_with_and_without_the_settings(model_path
     assert len(outputs["settings"][1]) == 8
     assert outputs["settings"][1] == outputs["defaults"][1]
     assert outputs["settings"][0] == outputs["defaults"][0]
+
+
+def test_a_run_holds_one_copy_of_the_weights_and_one_program_s_temporaries(model_path, data_dir, tmp_path,
+                                                                           monkeypatch):
+    """In the loop, the loaded weights are gone: the train state on the devices is their only copy.
+    Before every step that runs the other program, the memory freed is given back, so that the
+    fast step's temporaries are not held beside the general step's (which set the run's peak)."""
+    import gc
+    import weakref
+
+    import jax
+
+    from minilm_jax import train_lib
+
+    tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
+    train = write_subset(data_dir / "quora_train.tsv", tmp_path / "train.tsv", 400)
+    loaded, events = [], []
+    prepare, with_rates = train_lib.prepare_model, train_lib.with_learning_rates
+
+    def prepare_model(cfg):
+        model = prepare(cfg)
+        loaded.extend(weakref.ref(x) for x in jax.tree.leaves(model.params))
+        return model
+
+    def dispatched(dispatch, rates, steps):
+        gc.collect()
+        events.append(("dispatch", dispatch.program, sum(ref() is not None for ref in loaded)))
+        return with_rates(dispatch, rates, steps)
+
+    monkeypatch.setattr(train_lib, "prepare_model", prepare_model)
+    monkeypatch.setattr(train_lib, "with_learning_rates", dispatched)
+    monkeypatch.setattr(train_lib, "release_freed_memory", lambda: events.append(("release",)))
+    # --packed-tokens 512 (8 rows of 64): about a third of the steps take the general program.
+    cfg = train_lib.TrainConfig(model=tiny, train_file=(str(train),), output_dir=str(tmp_path / "out"), max_steps=12,
+                                packed_tokens=512, log_every=1)
+    final = train_lib.train_and_evaluate(cfg, progress=False)
+    dispatches = [e for e in events if e[0] == "dispatch"]
+    assert len(dispatches) == 12 and 0 < final["general_steps"] < 12
+    assert len(loaded) > 10 and all(alive == 0 for _, _, alive in dispatches)
+    switches = 0
+    for i, event in enumerate(events):
+        if event[0] != "dispatch":
+            continue
+        before = [e for e in events[:i] if e[0] == "dispatch"]
+        if before and before[-1][1] != event[1]:
+            switches += 1
+            assert events[i - 1] == ("release",), f"no release before dispatch {len(before)} ({event[1]})"
+    assert switches >= 2

@@ -158,6 +158,48 @@ def test_every_format_reads_the_same_rows_and_counts_them(quora, tmp_path):
         assert sorted(got) == want, name
 
 
+def test_a_window_keeps_a_line_by_where_it_is_and_reads_it_again(quora, tmp_path):
+    """A window holds a .tsv/.jsonl line as its file, byte offset and length (16 bytes), not its
+    bytes, and reads it again when a batch takes it; a CSV row's values it keeps. A dataset of both
+    gives every row once, and a line file cut short under the run is an error naming it."""
+    import csv
+
+    rows = read_pairs_tsv(quora)[:2000]
+    (tmp_path / "a.tsv").write_text("sentence1\tsentence2\tscore\n" + "".join(
+        f"{a}\t{b}\t{s}\n" for a, b, s in rows[:1000]), encoding="utf-8")
+    with open(tmp_path / "b.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["sentence1", "sentence2", "score"], *rows[1000:]])
+    spec = dataset_specs(TrainConfig(train_file=(str(tmp_path / "a.tsv"), str(tmp_path / "b.csv"))))[0]
+    ds = open_dataset(spec, 0, 0, 1, score_required=True, unit_interval=False, prompts=("", ""))
+    stream = _stream(ds)
+    got = [r for b in _epoch(stream, 16) for r in b]
+    assert sorted(got) == sorted((a, b, float(s)) for a, b, s in rows)
+    records = stream.records
+    lines = [i for i in range(len(records)) if records.path(i).endswith("a.tsv")]
+    assert len(records) == 2000 and len(lines) == 1000
+    assert all(records._values[i] is None for i in lines)  # the lines' bytes are not held
+    assert all(isinstance(records._values[i], list) for i in range(len(records)) if i not in set(lines))
+    assert (records._file.itemsize + records._where.itemsize + records._length.itemsize) == 16
+
+    lines_only = _stream(_dataset(quora))
+    first = lines_only.take(16)
+    assert lines_only.records._values is None and len(lines_only.records) == 32944
+    with open(quora, "rb") as f:
+        text = f.read()
+    for i in (0, 1, 32943):  # each line as the file holds it
+        where, length = lines_only.records.where(i), lines_only.records._length[i]
+        assert lines_only.records.raw(i) == text[where:where + length]
+    assert len(first) == 16
+    short = tmp_path / "short.tsv"
+    short.write_bytes(text[:text.rindex(b"\n", 0, 200_000) + 1])
+    cut = _stream(_dataset(short))
+    cut.take(16)
+    with open(short, "r+b") as f:
+        f.truncate(100_000)
+    with pytest.raises(UserError, match="short.tsv ended at byte .* the file changed"):
+        _epoch(cut, 16)
+
+
 def test_the_samplers_give_sentence_transformers_counts_and_rules():
     import torch
     from sentence_transformers.base.sampler import ProportionalBatchSampler, RoundRobinBatchSampler

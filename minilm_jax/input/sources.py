@@ -231,7 +231,7 @@ class _OpenFiles:
 
     def pread(self, path: str, length: int, offset: int) -> bytes:
         with self._lock:
-            fd = self._fds.pop(path, None)
+            fd = self._fds.get(path)
             if fd is None:
                 try:
                     fd = os.open(path, os.O_RDONLY)
@@ -239,7 +239,9 @@ class _OpenFiles:
                     raise UserError(f"{path} cannot be read ({e.strerror}); check the file") from None
                 while len(self._fds) >= self._most:
                     os.close(self._fds.popitem(last=False)[1])
-            self._fds[path] = fd
+                self._fds[path] = fd
+            else:
+                self._fds.move_to_end(path)
             return os.pread(fd, length, offset)
 
 
