@@ -200,6 +200,59 @@ def test_a_window_keeps_a_line_by_where_it_is_and_reads_it_again(quora, tmp_path
         _epoch(cut, 16)
 
 
+def test_files_named_by_url_stream_as_local_files_do(quora, model_path, tmp_path):
+    """fsspec URLs (hf://datasets/... for a hub dataset's files; here fsspec's in-memory filesystem, as
+    there is no network) are read as local files are: the same rows in every format, each shard
+    reading its own pieces, a training run of the same steps; a glob that matches nothing, a missing
+    file and an unknown protocol are one clear error each."""
+    import fsspec
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from minilm_jax import train_lib
+    from tiny_model import write_tiny_model
+
+    rows = read_pairs_tsv(quora)[:3000]
+    fs = fsspec.filesystem("memory")
+    text = "sentence1\tsentence2\tscore\n" + "".join(f"{a}\t{b}\t{s}\n" for a, b, s in rows)
+    try:
+        with fs.open("/urls/d.tsv", "wb") as f:
+            f.write(text.encode("utf-8"))
+        with fs.open("/urls/d.jsonl.gz", "wb") as f:
+            f.write(gzip.compress("".join(json.dumps({"sentence1": a, "sentence2": b, "score": s}) + "\n"
+                                          for a, b, s in rows).encode("utf-8")))
+        with fs.open("/urls/d.parquet", "wb") as f:
+            pq.write_table(pa.table({"sentence1": [r[0] for r in rows], "sentence2": [r[1] for r in rows],
+                                     "score": [r[2] for r in rows]}), f, row_group_size=700)
+        want = sorted((a, b, float(s)) for a, b, s in rows)
+        for url, n_devices in (("memory://urls/d.tsv", 3), ("memory://urls/*.jsonl.gz", 1),
+                               ("memory://urls/d.parquet", 3)):
+            ds = _dataset(url, n_devices)
+            got = []
+            for d in range(n_devices):
+                mine = [r for b in _epoch(_stream(ds, d, window=500), 16) for r in b]
+                assert count_rows(ds, [d])[0] == len(mine), url
+                got += mine
+            assert sorted(got) == want, url
+        for url, needle in (("memory://urls/*.csv", "matches no file"), ("memory://urls/gone.tsv", "does not exist"),
+                            ("nosuchprotocol://urls/d.tsv", "no filesystem serves this URL")):
+            with pytest.raises(UserError, match=needle):
+                _dataset(url)
+
+        tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
+        (tmp_path / "d.tsv").write_text(text, encoding="utf-8")
+        losses = {}
+        for name, train in (("local", str(tmp_path / "d.tsv")), ("url", "memory://urls/d.tsv")):
+            cfg = TrainConfig(model=tiny, train_file=(train,), output_dir=str(tmp_path / name), max_steps=6,
+                              log_every=1)
+            train_lib.train_and_evaluate(cfg, progress=False)
+            records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+            losses[name] = [r["loss"] for r in records if "loss" in r]
+        assert len(losses["url"]) == 6 and losses["url"] == losses["local"]
+    finally:
+        fs.rm("/urls", recursive=True)
+
+
 def test_the_samplers_give_sentence_transformers_counts_and_rules():
     import torch
     from sentence_transformers.base.sampler import ProportionalBatchSampler, RoundRobinBatchSampler

@@ -103,14 +103,16 @@ def cheap_to_count(ds: DatasetInput) -> bool:
     """Rows are counted even where no option needs it (for the epoch in metrics.jsonl and the
     evaluation at each epoch's end) when that takes a fraction of a second: files of up to
     COUNT_BYTES (newlines counted at about 300 MB/s), 64 MB of .csv/.gz (read whole), any parquet."""
-    import os
+    from minilm_jax.input.sources import file_size, is_url
 
     if ds.memory is not None:
         return True
     total = whole = 0
     for path, layout in ds.layouts.items():
         if layout.fmt.kind != "parquet":
-            size = os.path.getsize(path)
+            if is_url(path):
+                return False  # counting would fetch the whole file
+            size = file_size(path)
             total += size
             whole += 0 if layout.fmt.splittable else size
     return total <= COUNT_BYTES and whole <= 64 << 20 and not ds.spec.positives_only

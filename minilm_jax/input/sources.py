@@ -16,6 +16,10 @@ row is named by its row number). TSV is read with quoting disabled, as everywher
 
 Positions inside a piece are byte offsets (lines) or row numbers (whole files, parquet), so that a
 stream can start reading again exactly where a checkpoint says.
+
+A file may also be an fsspec URL (`hf://datasets/NAME/...` for a Hugging Face hub dataset's files,
+`s3://`, `gs://`, `https://`, ...; globs where the filesystem lists): it is read the same way, by byte
+ranges and parquet row groups, so each host fetches only its own pieces.
 """
 
 from __future__ import annotations
@@ -54,8 +58,45 @@ class FileFormat:
         return not self.gzipped and self.kind in ("tsv", "jsonl", "parquet")
 
 
+def is_url(path: str) -> bool:
+    """A file named by an fsspec URL rather than a local path."""
+    return "://" in path
+
+
+def _filesystem(path: str):
+    """(fsspec filesystem, its path) of a URL."""
+    from fsspec.core import url_to_fs
+
+    try:
+        return url_to_fs(path)
+    except (ImportError, ValueError) as e:
+        raise UserError(f"{path}: no filesystem serves this URL ({e}); install the package for its protocol "
+                        "(huggingface_hub for hf://, s3fs, gcsfs, ...)") from None
+
+
+def open_file(path: str):
+    """The file at `path` (a local path or a URL), opened for reading bytes."""
+    try:
+        if not is_url(path):
+            return open(path, "rb")
+        fs, inner = _filesystem(path)
+        return fs.open(inner, "rb")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - OSError, or a remote filesystem's own errors: one line naming the file
+        reason = getattr(e, "strerror", None) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise UserError(f"{path} cannot be read ({reason}); check the file") from None
+
+
+def file_size(path: str) -> int:
+    if not is_url(path):
+        return os.path.getsize(path)
+    fs, inner = _filesystem(path)
+    return int(fs.size(inner))
+
+
 def file_format(path: str) -> FileFormat:
-    name = path.lower()
+    name = (path.split("?", 1)[0] if is_url(path) else path).lower()
     gzipped = name.endswith(".gz")
     if gzipped:
         name = name[:-3]
@@ -71,7 +112,9 @@ def expand_files(patterns: Sequence[str], dataset: str) -> tuple[str, ...]:
     """Every file the patterns name, in order (a glob's matches sorted), each once."""
     files: list[str] = []
     for pattern in patterns:
-        if glob.has_magic(pattern):
+        if is_url(pattern):
+            found = _expand_url(pattern, dataset)
+        elif glob.has_magic(pattern):
             found = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
             if not found:
                 raise UserError(f"dataset {dataset}: the pattern {pattern!r} matches no file; check the path "
@@ -85,13 +128,35 @@ def expand_files(patterns: Sequence[str], dataset: str) -> tuple[str, ...]:
             found = [pattern]
         for path in found:
             file_format(path)
-            if not os.access(path, os.R_OK):
+            if not is_url(path) and not os.access(path, os.R_OK):
                 raise UserError(f"dataset {dataset}: {path} cannot be read (permission denied)")
             if path not in files:
                 files.append(path)
     if not files:
         raise UserError(f"dataset {dataset} names no training file")
     return tuple(files)
+
+
+def _expand_url(pattern: str, dataset: str) -> list[str]:
+    fs, inner = _filesystem(pattern)
+    try:
+        if glob.has_magic(inner):
+            listed = fs.glob(inner, detail=True)
+            found = sorted(fs.unstrip_protocol(p) for p, info in listed.items() if info.get("type") == "file")
+            if not found:
+                raise UserError(f"dataset {dataset}: the pattern {pattern!r} matches no file; check the URL")
+            return found
+        if not fs.exists(inner):
+            raise UserError(f"dataset {dataset}: training file {pattern} does not exist; check the URL")
+        if fs.isdir(inner):
+            raise UserError(f"dataset {dataset}: {pattern} is a folder; give files or a glob such as "
+                            f"{pattern.rstrip('/')}/*.parquet")
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a remote filesystem's errors (no network, no access): one line
+        raise UserError(f"dataset {dataset}: {pattern} cannot be listed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}); check the URL and the network") from None
+    return [pattern]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,10 +184,8 @@ class Layout:
 
 
 def _open_binary(fmt: FileFormat):
-    try:
-        return gzip.open(fmt.path, "rb") if fmt.gzipped else open(fmt.path, "rb")
-    except OSError as e:
-        raise UserError(f"{fmt.path} cannot be read ({e.strerror or e}); check the file") from None
+    f = open_file(fmt.path)
+    return gzip.open(f, "rb") if fmt.gzipped else f
 
 
 def _header_fields(fmt: FileFormat) -> list[str]:
@@ -177,7 +240,9 @@ def _parquet(path: str):
     import pyarrow.parquet as pq
 
     try:
-        return pq.ParquetFile(path)
+        return pq.ParquetFile(open_file(path) if is_url(path) else path)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - arrow's errors: one line naming the file
         raise UserError(f"{path} is not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
                         "check that the file is complete") from None
@@ -195,7 +260,7 @@ def pieces_of(path: str, n_shards: int) -> list[Piece]:
         rows = _parquet(path).metadata.num_rows
         cuts = _cuts(rows, rows * 100, n_shards)  # parquet rows: assume ~100 bytes each for the piece count
         return [Piece(path, a, b) for a, b in zip(cuts[:-1], cuts[1:])]
-    size = os.path.getsize(path)
+    size = file_size(path)
     return [Piece(path, a, b) for a, b in zip(*_line_cuts(path, size, n_shards))]
 
 
@@ -208,7 +273,7 @@ def _line_cuts(path: str, size: int, n_shards: int) -> tuple[list[int], list[int
     """Byte ranges of whole lines: each cut moved forward to the start of the next line (the header
     line, if any, stays in the first piece and is skipped when read)."""
     cuts = _cuts(size, size, n_shards)
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         aligned = [0]
         for c in cuts[1:-1]:
             f.seek(max(c - 1, 0))
@@ -273,7 +338,7 @@ class Reader:
         """Whether `path`'s records are lines that line() can read again by position (.tsv, .jsonl),
         so that a stream's window need not keep their bytes."""
         fmt = self.layouts[path].fmt
-        return fmt.splittable and fmt.kind != "parquet"
+        return fmt.splittable and fmt.kind != "parquet" and not is_url(path)  # a URL: a request a line
 
     def line(self, path: str, where: int, length: int) -> bytes:
         """The record `read` gave at `where`, `length` bytes, read again from the file."""
@@ -286,11 +351,7 @@ class Reader:
     def _lines(self, piece: Piece, offset: int):
         path = piece.path
         at = max(offset, piece.start)
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise UserError(f"{path} cannot be read ({e.strerror}); check the file") from None
-        with f:
+        with open_file(path) as f:
             f.seek(at)
             carry = b""
             while at + len(carry) < piece.end:
@@ -437,7 +498,7 @@ def _line_of_offset(path: str, offset: int) -> int:
     """The 1-based line number of the line starting at byte `offset` (an error path only: it reads the
     file up to there)."""
     lines = 1
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         left = offset
         while left > 0:
             chunk = f.read(min(READ_BYTES, left))
@@ -460,7 +521,7 @@ def count_records(piece: Piece, layout: Layout) -> int:
         reader = Reader({piece.path: layout}, Columns(*layout.wanted[:2]), 1.0, False, "")
         return sum(len(raws) for raws, _, _ in reader._whole_file(fmt, 0))
     total, prefix = 0, b"\n"  # a piece starts at a line start: as if after a newline
-    with open(piece.path, "rb") as f:
+    with open_file(piece.path) as f:
         f.seek(piece.start)
         left = piece.end - piece.start
         while left > 0:
