@@ -277,10 +277,31 @@ def to_pairs(raw: dict[str, list], columns: Columns, source: str, first_line: in
 def load_pairs(path: str, columns: Columns = Columns(), unit_interval: bool = False,
                score_scale: float = 1.0, *, score_required: bool = True, positives_only: bool = False,
                add_swapped: bool = False) -> Pairs:
-    """A local pairs file, validated row by row (the options: see the module docstring)."""
+    """A pairs file, validated row by row (the options: see the module docstring). A URL
+    (hf://datasets/..., s3://, https://: an evaluation file is small) is fetched to a temporary
+    folder first and read from there; errors name the URL."""
+    if "://" in path:
+        return _load_remote_pairs(path, columns, unit_interval, score_scale, score_required=score_required,
+                                  positives_only=positives_only, add_swapped=add_swapped)
     raw, first_line = read_table(path, columns, score_required=score_required and not positives_only)
     return to_pairs(raw, columns, path, first_line, unit_interval, score_scale, positives_only=positives_only,
                     add_swapped=add_swapped)
+
+
+def _load_remote_pairs(url: str, columns: Columns, unit_interval: bool, score_scale: float, **options) -> Pairs:
+    from minilm_jax.input.sources import open_file
+
+    name = url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]
+    with tempfile.TemporaryDirectory(prefix="minilm-jax-pairs-") as folder:
+        local = os.path.join(folder, name)
+        with open_file(url) as source, open(local, "wb") as copy:
+            while chunk := source.read(8 << 20):
+                copy.write(chunk)
+        try:
+            pairs = load_pairs(local, columns, unit_interval, score_scale, **options)
+        except UserError as e:
+            raise UserError(str(e).replace(local, url)) from None
+    return dataclasses.replace(pairs, source=url)
 
 
 def load_hub_pairs(name: str, subset: str | None, split: str, columns: Columns, unit_interval: bool = False,

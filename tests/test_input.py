@@ -241,14 +241,24 @@ def test_files_named_by_url_stream_as_local_files_do(quora, model_path, tmp_path
 
         tiny = write_tiny_model(model_path, str(tmp_path / "tiny"))
         (tmp_path / "d.tsv").write_text(text, encoding="utf-8")
-        losses = {}
-        for name, train in (("local", str(tmp_path / "d.tsv")), ("url", "memory://urls/d.tsv")):
-            cfg = TrainConfig(model=tiny, train_file=(train,), output_dir=str(tmp_path / name), max_steps=6,
-                              log_every=1)
-            train_lib.train_and_evaluate(cfg, progress=False)
+        dev = text[:text.index("\n", 20_000) + 1]  # the evaluation pairs: a few hundred of the rows
+        (tmp_path / "dev.tsv").write_text(dev, encoding="utf-8")
+        with fs.open("/urls/dev.tsv", "wb") as f:
+            f.write(dev.encode("utf-8"))
+        runs = {}
+        for name, train, evaluation in (("local", str(tmp_path / "d.tsv"), str(tmp_path / "dev.tsv")),
+                                        ("url", "memory://urls/d.tsv", "memory://urls/dev.tsv")):
+            cfg = TrainConfig(model=tiny, train_file=(train,), eval_file=evaluation, output_dir=str(tmp_path / name),
+                              max_steps=6, log_every=1)
+            final = train_lib.train_and_evaluate(cfg, progress=False)
             records = [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
-            losses[name] = [r["loss"] for r in records if "loss" in r]
-        assert len(losses["url"]) == 6 and losses["url"] == losses["local"]
+            runs[name] = ([r["loss"] for r in records if "loss" in r], final["pearson_cosine"])
+        assert len(runs["url"][0]) == 6 and runs["url"] == runs["local"]
+        with pytest.raises(UserError, match="^memory://urls/bad.tsv line 2: "):
+            with fs.open("/urls/bad.tsv", "wb") as f:
+                f.write(b"sentence1\tsentence2\tscore\nno tabs here\n")
+            from minilm_jax.pairs import load_pairs
+            load_pairs("memory://urls/bad.tsv")
     finally:
         fs.rm("/urls", recursive=True)
 
