@@ -336,14 +336,15 @@ def _input_state(pipeline_state: dict, step: int, shards: int) -> dict:
 
 def input_pipeline(cfg: TrainConfig, model, run_data: RunData, programs: list[TrainPrograms]) -> InputPipeline:
     """The run's input: this host's streams of every dataset, laid out for the step programs."""
-    from minilm_jax.input.hosts import FitAgreement
+    from minilm_jax.input.hosts import FitAgreement, TextChain
 
     n_global, n_local = jax.device_count(), jax.local_device_count()
     layout = data_lib.BatchLayout(cfg.batch_size, n_global, n_local, jax.process_index() * n_local)
     return InputPipeline(list(run_data.datasets), run_data.schedule, model.tokenizer, layout=layout,
                          shapes=[p.spec.shapes for p in programs], steps_per_dispatch=cfg.steps_per_dispatch,
                          seed=cfg.seed, window_rows=cfg.shuffle_window, no_duplicates=run_data.no_duplicates,
-                         agree=FitAgreement() if jax.process_count() > 1 else None)
+                         agree=FitAgreement() if jax.process_count() > 1 else None,
+                         chain=TextChain() if jax.process_count() > 1 else None)
 
 
 def _run(cfg: TrainConfig, out: Path, progress: bool, model, weights: list, run_data: RunData,

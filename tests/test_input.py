@@ -332,6 +332,54 @@ def test_each_step_is_one_datasets_and_runs_its_loss(data_dir, tmp_path):
     assert [r[2] for r in head] == [float(r[2]) / 5 for r in stsb_rows]
 
 
+def test_no_text_twice_in_a_batch_over_its_shards_and_hosts(data_dir):
+    """With no duplicates, a step's global batch holds no text twice across its shards either (Quora's
+    positives at batch 64 on 4 shards: with each shard walking alone, 32 of 251 steps held a text in
+    two shards' blocks), and the batches are the same however the 4 shards are spread: 2 hosts of 2
+    devices, the lower host's texts passed on as hosts.TextChain passes them, give 1 host of 4's."""
+    from minilm_jax.encode import load
+    from minilm_jax.input import open_run_data
+    from minilm_jax.input.pipeline import InputPipeline
+
+    cfg = TrainConfig(train_file=(str(data_dir / "quora_train.tsv"),), loss="MultipleNegativesRankingLoss",
+                      positives_only=True, batch_size=64, max_steps=400)
+    model = load(None)
+
+    def pipeline(local: range, chain=None):
+        run_data = open_run_data(cfg, model, 4, local)
+        assert run_data.no_duplicates == (True,)
+        return InputPipeline(list(run_data.datasets), run_data.schedule, model.tokenizer,
+                             layout=data_lib.BatchLayout(64, 4, len(local), local.start),
+                             shapes=[data_lib.step_shapes(16, 2, 256)], steps_per_dispatch=1, seed=42,
+                             window_rows=1 << 19, no_duplicates=run_data.no_duplicates, chain=chain)
+
+    class Chain:  # hosts.TextChain's hand-over between the two hosts of this test
+        passed: dict = {}
+
+        def __init__(self, process):
+            self.process = process
+
+        def lower(self, dataset, step):
+            return self.passed.pop((dataset, step)) if self.process else set()
+
+        def pass_on(self, dataset, step, taken):
+            if self.process == 0:
+                self.passed[(dataset, step)] = set(taken)
+
+    one, hosts = pipeline(range(4)), [pipeline(range(0, 2), Chain(0)), pipeline(range(2, 4), Chain(1))]
+    full = 0
+    for step in range(400):
+        _, shares = one._take(step, 0)
+        if sum(len(share) for share in shares) < 64:
+            break  # the epoch's end: short blocks
+        full += 1
+        texts = [t for share in shares for _, row in share for t in set(row[:2])]  # (a pair may repeat its text)
+        assert len(texts) == len(set(texts)), f"step {step} holds a text in two rows"
+        spread = [share for host in hosts for share in host._take(step, 0)[1]]
+        assert spread == shares, f"step {step}: 2 hosts x 2 devices took other rows than 1 x 4"
+    assert full > 150 and not Chain.passed
+
+
 @pytest.mark.parametrize("make, needles", [
     (lambda d: ["--train-file", str(d / "nothing-*.tsv")], ["matches no file", "nothing-*.tsv"]),
     (lambda d: ["--train-file", str(d / "missing.tsv")], ["does not exist", "missing.tsv"]),

@@ -36,7 +36,7 @@ from minilm_jax.errors import UserError
 from minilm_jax.input.schedule import Schedule
 from minilm_jax.input.sources import Piece, Reader, count_records, expand_files, layout_of, pieces_of
 from minilm_jax.input.spec import DatasetSpec
-from minilm_jax.input.stream import ShardStream, positives
+from minilm_jax.input.stream import ShardStream, positives, text_key
 
 # Rows tokenised in one call of the tokenizer (its batch encoder runs on every core): several
 # dispatches' worth, so that the call's overhead is shared.
@@ -79,12 +79,14 @@ def shard_pieces(files: Sequence[str], n_shards: int) -> tuple[list[Piece], ...]
 class InputPipeline:
     def __init__(self, datasets: list[DatasetInput], schedule: Schedule, tokenizer, *, layout: data_lib.BatchLayout,
                  shapes: Sequence[data_lib.StepShapes], steps_per_dispatch: int, seed: int, window_rows: int,
-                 no_duplicates: Sequence[bool], agree=None):
+                 no_duplicates: Sequence[bool], agree=None, chain=None):
         """shapes: the step shapes of each group; no_duplicates: per dataset; agree(first_step, flags)
-        -> the flags ORed over every host (None: one host). The shard count is the datasets'."""
+        -> the flags ORed over every host (None: one host); chain: hosts.TextChain (None: one host).
+        The shard count is the datasets'."""
         self.datasets, self.schedule, self.tokenizer = datasets, schedule, tokenizer
         self.layout, self.shapes, self.steps_per_dispatch = layout, list(shapes), steps_per_dispatch
         self.agree = agree
+        self.chain = chain  # hosts.TextChain on several hosts: the lower hosts' texts of a step
         self.n_shards = len(datasets[0].pieces)
         self.per_device = self.n_shards // layout.global_devices  # shards a device owns
         self.block = layout.batch_size // self.n_shards  # rows a shard gives to a step
@@ -167,7 +169,22 @@ class InputPipeline:
         """(dataset i, each local device's share: [(its slot, row)]) of one step: each shard's rows in
         the block of the device's share that belongs to the shard (a short block leaves padding)."""
         epoch = self.schedule.epoch_of(step)
-        blocks = [stream.take(self.block, epoch) for stream in self.streams[i]]
+        streams = self.streams[i]
+        if self.n_shards == 1 or not streams[0].no_duplicates:
+            blocks = [stream.take(self.block, epoch) for stream in streams]
+        else:
+            # No text twice in the global batch: shard s leaves out what shards 0..s-1 took in this step,
+            # the lower hosts' shards included (passed along, host after host: hosts.TextChain). The
+            # order so depends on the shard count alone, not on how the shards are spread over hosts.
+            n_columns = self.datasets[i].n_columns
+            taken = self.chain.lower(i, step) if self.chain else set()
+            blocks = []
+            for stream in streams:
+                rows = stream.take(self.block, epoch, taken)
+                blocks.append(rows)
+                taken = taken | {text_key(t) for row in rows for t in row[:n_columns]}
+            if self.chain:
+                self.chain.pass_on(i, step, taken)
         shares = []
         for d in range(self.layout.local_devices):
             mine = blocks[d * self.per_device:(d + 1) * self.per_device]

@@ -12,7 +12,9 @@ each window shuffled; endless, epoch after epoch, and resumable from a small sta
   taken in order and takes each row none of whose texts the batch already holds; a conflicting row
   is deferred and met first by the next walk. Rows still deferred when a window ends are carried
   into the next one (ahead of its rows), so the walk runs across windows; it yields a short batch
-  only at the end of an epoch. Over one window this is sampler.no_duplicates_batches exactly.
+  only at the end of an epoch. Over one window this is sampler.no_duplicates_batches exactly. With
+  several shards a step's blocks are walked in shard order, each leaving out the texts the blocks
+  before it took (`taken`; pipeline.py), so that the global batch holds no text twice.
 - `state()` after a take is all a resumed stream needs: the epoch, the window's index and where it
   starts (a piece and an offset in it), how far the walk has gone, and the deferred and carried
   rows. `restore(state)` re-reads that one window.
@@ -22,6 +24,7 @@ each window shuffled; endless, epoch after epoch, and resumable from a small sta
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from array import array
 
@@ -184,11 +187,12 @@ class ShardStream:
             return True
         return self.frontier >= self.size and not self.deferred and not self.carried and self.last_window
 
-    def take(self, k: int, epoch: int | None = None) -> list[tuple]:
+    def take(self, k: int, epoch: int | None = None, taken: set[str] | None = None) -> list[tuple]:
         """The rows of one share of a step: k, fewer only at the end of an epoch; the next take
         starts the next epoch. `epoch`: the run's epoch, where the run has epochs of a planned length:
         the stream starts it if it is behind (leaving what it had not taken), and gives no rows
-        once it has taken all of it."""
+        once it has taken all of it. `taken` (no duplicates): the text_key of every text the other
+        shards' blocks of this step hold, which this block leaves to a later step."""
         if epoch is not None and epoch > self.epoch:
             self._start_epoch(epoch)
         elif self._exhausted():
@@ -197,7 +201,7 @@ class ShardStream:
             self._start_epoch(self.epoch + 1)
         if not self.no_duplicates:
             return self._take_in_order(k)
-        return self._walk(k)
+        return self._walk(k, taken or set())
 
     def _take_in_order(self, k: int) -> list[tuple]:
         rows = []
@@ -212,12 +216,12 @@ class ShardStream:
             self.frontier = end
         return rows
 
-    def _walk(self, k: int) -> list[tuple]:
+    def _walk(self, k: int, taken: set[str]) -> list[tuple]:
         batch, seen = [], set()
 
         def fits(row) -> bool:
             texts = row[:self.n_columns]
-            if seen.isdisjoint(texts):
+            if seen.isdisjoint(texts) and (not taken or taken.isdisjoint(map(text_key, texts))):
                 batch.append(row)
                 seen.update(texts)
                 return True
@@ -291,3 +295,8 @@ def positives(reader: Reader, piece: Piece, raws: list, wheres: list) -> list[in
         if label == 1.0:
             keep.append(i)
     return keep
+
+
+def text_key(text: str) -> str:
+    """A text's identity between shards (and hosts): 64 bits of its BLAKE2b hash."""
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=8).hexdigest()
