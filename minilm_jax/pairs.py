@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import tempfile
 
 import numpy as np
@@ -280,7 +281,9 @@ def load_pairs(path: str, columns: Columns = Columns(), unit_interval: bool = Fa
     """A pairs file, validated row by row (the options: see the module docstring). A URL
     (hf://datasets/..., s3://, https://: an evaluation file is small) is fetched to a temporary
     folder first and read from there; errors name the URL."""
-    if "://" in path:
+    from minilm_jax.input.sources import is_url
+
+    if is_url(path):
         return _load_remote_pairs(path, columns, unit_interval, score_scale, score_required=score_required,
                                   positives_only=positives_only, add_swapped=add_swapped)
     raw, first_line = read_table(path, columns, score_required=score_required and not positives_only)
@@ -295,8 +298,7 @@ def _load_remote_pairs(url: str, columns: Columns, unit_interval: bool, score_sc
     with tempfile.TemporaryDirectory(prefix="minilm-jax-pairs-") as folder:
         local = os.path.join(folder, name)
         with open_file(url) as source, open(local, "wb") as copy:
-            while chunk := source.read(8 << 20):
-                copy.write(chunk)
+            shutil.copyfileobj(source, copy, 8 << 20)
         try:
             pairs = load_pairs(local, columns, unit_interval, score_scale, **options)
         except UserError as e:

@@ -36,7 +36,7 @@ from minilm_jax.errors import UserError
 from minilm_jax.input.schedule import Schedule
 from minilm_jax.input.sources import Piece, Reader, count_records, expand_files, layout_of, pieces_of
 from minilm_jax.input.spec import DatasetSpec
-from minilm_jax.input.stream import ShardStream, positives, text_key
+from minilm_jax.input.stream import ShardStream, positives
 
 # Rows tokenised in one call of the tokenizer (its batch encoder runs on every core): several
 # dispatches' worth, so that the call's overhead is shared.
@@ -176,13 +176,8 @@ class InputPipeline:
             # No text twice in the global batch: shard s leaves out what shards 0..s-1 took in this step,
             # the lower hosts' shards included (passed along, host after host: hosts.TextChain). The
             # order so depends on the shard count alone, not on how the shards are spread over hosts.
-            n_columns = self.datasets[i].n_columns
             taken = self.chain.lower(i, step) if self.chain else set()
-            blocks = []
-            for stream in streams:
-                rows = stream.take(self.block, epoch, taken)
-                blocks.append(rows)
-                taken = taken | {text_key(t) for row in rows for t in row[:n_columns]}
+            blocks = [stream.take(self.block, epoch, taken) for stream in streams]  # each adds its texts
             if self.chain:
                 self.chain.pass_on(i, step, taken)
         shares = []

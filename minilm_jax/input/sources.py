@@ -291,23 +291,20 @@ class _OpenFiles:
     process out of file descriptors."""
 
     def __init__(self, most: int = 64):
-        self._fds: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self._files: collections.OrderedDict[str, object] = collections.OrderedDict()
         self._lock, self._most = threading.Lock(), most
 
     def pread(self, path: str, length: int, offset: int) -> bytes:
         with self._lock:
-            fd = self._fds.get(path)
-            if fd is None:
-                try:
-                    fd = os.open(path, os.O_RDONLY)
-                except OSError as e:
-                    raise UserError(f"{path} cannot be read ({e.strerror}); check the file") from None
-                while len(self._fds) >= self._most:
-                    os.close(self._fds.popitem(last=False)[1])
-                self._fds[path] = fd
+            f = self._files.get(path)
+            if f is None:
+                f = open_file(path)
+                while len(self._files) >= self._most:
+                    self._files.popitem(last=False)[1].close()
+                self._files[path] = f
             else:
-                self._fds.move_to_end(path)
-            return os.pread(fd, length, offset)
+                self._files.move_to_end(path)
+            return os.pread(f.fileno(), length, offset)
 
 
 _OPEN_FILES = _OpenFiles()

@@ -24,6 +24,7 @@ import re
 from typing import TYPE_CHECKING
 
 from minilm_jax.errors import UsageError, UserError
+from minilm_jax.input.sources import is_url
 from minilm_jax.pairs import Columns
 
 if TYPE_CHECKING:
@@ -134,7 +135,7 @@ def _from_config_file(path: str, common: dict) -> list[DatasetSpec]:
         files = [files] if isinstance(files, str) else files
         if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
             raise UsageError(f"{where}: \"files\" must be a path, a glob or a list of them")
-        files = tuple(f if os.path.isabs(f) or "://" in f else os.path.join(folder, f) for f in files)  # URLs as given
+        files = tuple(f if os.path.isabs(f) or is_url(f) else os.path.join(folder, f) for f in files)  # URLs as given
         spec = DatasetSpec(name=name, files=files, **{**common, **_options(entry, common, where)})
         specs.append(dataclasses.replace(spec, weight=_weight(entry.get("weight", 1.0), where)))
     return specs

@@ -191,8 +191,9 @@ class ShardStream:
         """The rows of one share of a step: k, fewer only at the end of an epoch; the next take
         starts the next epoch. `epoch`: the run's epoch, where the run has epochs of a planned length:
         the stream starts it if it is behind (leaving what it had not taken), and gives no rows
-        once it has taken all of it. `taken` (no duplicates): the text_key of every text the other
-        shards' blocks of this step hold, which this block leaves to a later step."""
+        once it has taken all of it. `taken` (no duplicates, several shards): the text_key of every
+        text the step's blocks before this one hold, which this block leaves to a later step; the
+        keys of the texts it takes are added to it, for the blocks after it."""
         if epoch is not None and epoch > self.epoch:
             self._start_epoch(epoch)
         elif self._exhausted():
@@ -201,7 +202,7 @@ class ShardStream:
             self._start_epoch(self.epoch + 1)
         if not self.no_duplicates:
             return self._take_in_order(k)
-        return self._walk(k, taken or set())
+        return self._walk(k, taken)
 
     def _take_in_order(self, k: int) -> list[tuple]:
         rows = []
@@ -216,16 +217,21 @@ class ShardStream:
             self.frontier = end
         return rows
 
-    def _walk(self, k: int, taken: set[str]) -> list[tuple]:
+    def _walk(self, k: int, taken: set[str] | None) -> list[tuple]:
         batch, seen = [], set()
 
         def fits(row) -> bool:
             texts = row[:self.n_columns]
-            if seen.isdisjoint(texts) and (not taken or taken.isdisjoint(map(text_key, texts))):
-                batch.append(row)
-                seen.update(texts)
-                return True
-            return False
+            if not seen.isdisjoint(texts):
+                return False
+            if taken is not None:
+                keys = [text_key(t) for t in texts]
+                if not taken.isdisjoint(keys):
+                    return False
+                taken.update(keys)
+            batch.append(row)
+            seen.update(texts)
+            return True
 
         # carried rows, then deferred ones, then the window from the frontier on: the walk's order
         kept = []
